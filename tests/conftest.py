@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models built in seconds, one local Ray cluster per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tso.toyworld.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A random-initialised tiny Llama saved as an ordinary Hugging Face model directory."""
+    from tso.zoo.tiny import random_tiny_llama, save_model_dir
+
+    path = tmp_path_factory.mktemp("models") / "tiny-random"
+    return save_model_dir(random_tiny_llama(tiny_tokenizer, seed=0), tiny_tokenizer, path)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster with more logical CPUs than cores (PLATFORM-NOTES: Ray on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()

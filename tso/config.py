@@ -1,0 +1,393 @@
+"""One typed configuration for a whole TSO run, loaded from YAML.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is an error and not a
+silently ignored setting. Defaults are the paper's hyper-parameters (docs: TSO-METHOD.md, appendix C).
+Errors raised while loading name the file, the field path and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+WEIGHT_TOLERANCE = 1e-6
+
+
+def tso_home() -> Path:
+    """Where tso keeps what it builds and caches (the tiny matrix, tokenizers)."""
+    return Path(os.environ.get("TSO_HOME", "~/.cache/tso")).expanduser()
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as ``<file>: <field path>: <problem>``."""
+
+    def __init__(self, source: str, field: str, problem: str):
+        self.source, self.field, self.problem = source, field, problem
+        super().__init__(f"{source}: {field or '<top level>'}: {problem}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- serving / engines
+
+
+class EngineConfig(_Section):
+    """How a model generates: the engine and its numeric/batching options."""
+
+    kind: Literal["transformers", "vllm", "auto"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(1, ge=1, le=256)
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    max_model_len: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+class ResourceConfig(_Section):
+    """Ray Serve placement of one deployment."""
+
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)
+    autoscaling: dict[str, Any] | None = None
+
+
+class ModelEntry(_Section):
+    """One model of the matrix: an ordinary Hugging Face model directory."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
+    path: str
+    version: int = Field(ge=0)
+    size: float = Field(gt=0, description="Any number that orders sizes, e.g. parameters in billions.")
+    role: Literal["auto", "positive", "negative", "none"] = "auto"
+    weight: float | None = Field(None, ge=0, le=1, description="Mixing weight within its mixture.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    resources: ResourceConfig = Field(default_factory=ResourceConfig)
+
+
+class MatrixConfig(_Section):
+    base: str = Field(description="Name of the base model: the policy starts from it.")
+    models: list[ModelEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> MatrixConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model names {dupes}")
+        if self.base not in names:
+            raise ValueError(f"base {self.base!r} is not a model of the matrix (have {names})")
+        if "human" in names:
+            raise ValueError("'human' is reserved for the human responses source")
+        return self
+
+    def entry(self, name: str) -> ModelEntry:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(0.7, ge=0, le=5)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1, le=32768)
+
+
+# ----------------------------------------------------------------------------- judge
+
+
+DEFAULT_RUBRICS = {
+    "correctness": "Rate how correct and complete the answer is.",
+    "conciseness": "Rate how concise the answer is and whether it follows the requested format.",
+}
+
+
+class JudgeTrainConfig(_Section):
+    lr: float = Field(1e-5, gt=0)
+    epochs: int = Field(1, ge=1)
+    global_batch: int = Field(32, ge=1)
+    micro_batch: int = Field(8, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_examples: int | None = Field(None, ge=1)
+
+
+class JudgeConfig(_Section):
+    path: str | None = Field(None, description="A trained judge; default <run_dir>/judge after stage 0.")
+    feedback: str | None = Field(None, description="Feedback JSONL for evaluation correction (stage 0).")
+    dimensions: list[str] = Field(default_factory=lambda: ["correctness", "conciseness"], min_length=1)
+    rubrics: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_RUBRICS))
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=64))
+    train: JudgeTrainConfig = Field(default_factory=JudgeTrainConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    resources: ResourceConfig = Field(default_factory=ResourceConfig)
+
+    @model_validator(mode="after")
+    def _rubric_per_dimension(self) -> JudgeConfig:
+        missing = [d for d in self.dimensions if d not in self.rubrics]
+        if missing:
+            raise ValueError(f"dimensions {missing} have no rubric text in judge.rubrics")
+        return self
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+class JudgeFilterConfig(_Section):
+    enabled: bool = False
+    delta: float = Field(0.0, ge=0)
+
+
+class PairsConfig(_Section):
+    prompts: str | None = Field(None, description="Prompts JSONL/Parquet (prompt, human response, id).")
+    human_weight: float = Field(0.5, ge=0, le=1, description="alpha of the human responses source.")
+    n_pos: int = Field(1, ge=1, le=64)
+    n_neg: int = Field(1, ge=1, le=64)
+    n_self: int = Field(4, ge=0, le=64)
+    tau_pos: float = Field(8.0, ge=2, le=10)
+    tau_neg: float = Field(4.0, ge=2, le=10)
+    self_pair_fraction: float = Field(0.5, ge=0, le=1)
+    judge_filter: JudgeFilterConfig = Field(default_factory=JudgeFilterConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    max_prompt_chars: int = Field(8192, ge=1)
+    max_prompts: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> PairsConfig:
+        if self.tau_neg >= self.tau_pos:
+            raise ValueError(f"tau_neg ({self.tau_neg}) must be below tau_pos ({self.tau_pos})")
+        return self
+
+
+# ----------------------------------------------------------------------------- training
+
+LossType = Literal["dpo", "ipo", "cdpo", "dual_clip"]
+
+
+class LossConfig(_Section):
+    type: LossType = "dual_clip"
+    beta: float = Field(0.1, gt=0)
+    margin_pos: float = Field(20.0, ge=0, description="m_w: chosen reward clip (reward units).")
+    margin_neg: float = Field(10.0, ge=0, description="m_l: rejected reward clip (reward units).")
+    ipo_tau: float = Field(0.2, gt=0)
+    ipo_normalize: Literal["sum", "mean"] = "sum"
+    cdpo_eps: float = Field(0.3, ge=0, lt=0.5)
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(5e-7, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.05, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("betas must lie in [0, 1)")
+        return v
+
+
+class TrainConfig(_Section):
+    loss: LossConfig = Field(default_factory=LossConfig)
+    minibatches: int = Field(3, ge=1, description="K: mini-batches, the reference is swapped at each boundary.")
+    epochs: int = Field(2, ge=1, description="E: epochs on each mini-batch.")
+    reference: Literal["policy", "frozen_copy"] = "policy"
+    regenerate_self_samples: bool = False
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    global_batch: int = Field(256, ge=1, description="Pairs per optimizer step, over all workers.")
+    micro_batch: int = Field(8, ge=1, description="Pairs per forward/backward on one worker.")
+    zero_stage: int = Field(2, ge=0, le=3)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    compile: bool = False
+    max_length: int = Field(2048, ge=8)
+    seed: int = 43
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _batches(self) -> TrainConfig:
+        per_step = self.micro_batch * self.num_workers
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"global_batch ({self.global_batch}) must be a multiple of micro_batch x num_workers ({per_step})"
+            )
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.micro_batch * self.num_workers)
+
+
+# ----------------------------------------------------------------------------- evaluation / serving
+
+
+class EvalConfig(_Section):
+    prompts: str | None = None
+    max_prompts: int | None = Field(None, ge=1)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=2048))
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    app_name: str = "tso"
+    auth_token_env: str = "TSO_API_TOKEN"
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    max_field_chars: int = Field(32_000, ge=1)
+    max_batch_items: int = Field(64, ge=1)
+
+
+class RunConfig(_Section):
+    """A whole TSO run: the matrix, the judge, pair formation, training, T stages."""
+
+    name: str = "tso"
+    run_dir: str = "runs/tso"
+    seed: int = 43
+    stages: int = Field(3, ge=1, description="T")
+    matrix: MatrixConfig
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _sources(self) -> RunConfig:
+        from tso.method.sources import resolve_sources
+
+        resolve_sources(self.matrix, self.pairs.human_weight)  # raises ValueError on bad weights/overlap
+        return self
+
+    # -- helpers used by the steps
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def require_model_dirs(self, source: str = "<config>") -> None:
+        """Check model directories when a step needs them (not at load, so configs validate early)."""
+        for i, m in enumerate(self.matrix.models):
+            p = Path(m.path)
+            if not (p / "config.json").is_file():
+                hint = " (build the embedded default with `tso zoo build`)" if str(tso_home()) in str(p) else ""
+                raise ConfigError(
+                    source, f"matrix.models[{i}].path", f"model {m.name!r}: no model directory at {p}{hint}"
+                )
+
+
+# ----------------------------------------------------------------------------- loading
+
+_VAR = re.compile(r"\$\{(\w+)\}")
+_PATH_FIELDS = (("run_dir",), ("judge", "path"), ("judge", "feedback"), ("pairs", "prompts"), ("eval", "prompts"))
+
+
+def _expand(value: str) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name == "TSO_HOME":
+            return str(tso_home())
+        if name not in os.environ:
+            raise KeyError(name)
+        return os.environ[name]
+
+    return os.path.expanduser(_VAR.sub(sub, value))
+
+
+def _absolute(value: str, base: Path) -> str:
+    p = Path(_expand(value))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _normalise_paths(cfg: RunConfig, base: Path, source: str) -> RunConfig:
+    """Expand ${VAR}/~ and make paths absolute (a `ray job` driver runs in a temporary copy)."""
+    try:
+        for field in _PATH_FIELDS:
+            obj = cfg
+            for part in field[:-1]:
+                obj = getattr(obj, part)
+            value = getattr(obj, field[-1])
+            if value is not None:
+                setattr(obj, field[-1], _absolute(value, base))
+        for m in cfg.matrix.models:
+            m.path = _absolute(m.path, base)
+    except KeyError as e:
+        raise ConfigError(source, "paths", f"environment variable {e.args[0]} is not set") from None
+    return cfg
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith("function-"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+    """Validate a dict into a RunConfig, turning pydantic errors into ConfigError with file and field."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", f"expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        problem = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            problem = "unknown key"
+        more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+        raise ConfigError(source, _loc(tuple(err["loc"])), problem + more) from None
+    return _normalise_paths(cfg, base_dir or Path.cwd(), source)
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a run config from YAML. Relative paths in it are taken relative to the current directory."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(source, "", "no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(source, "", f"not valid YAML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return parse_config(data, source)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        data = data.setdefault(p, {})
+    data[parts[-1]] = value
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def builtin_config_path(name: str) -> Path:
+    """A config shipped inside the package (tso/configs/<name>.yaml)."""
+    p = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if not p.is_file():
+        have = sorted(q.stem for q in p.parent.glob("*.yaml"))
+        raise ConfigError(str(p), "", f"no built-in config {name!r} (have {have})")
+    return p

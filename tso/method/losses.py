@@ -1,0 +1,140 @@
+"""Preference losses (TSO-METHOD.md section 5): tensors in, (loss, stats) out.
+
+Each function takes the summed response log-probs of the policy and the reference for the chosen
+(w) and rejected (l) answers, shape [B], and returns the mean loss and a dict of detached scalar
+statistics. With h = log pi_theta - log pi_ref and r = beta * h:
+
+    DPO        L = -log sigmoid(r_w - r_l)
+    IPO        L = (h_w - h_l - 1/(2 tau))^2
+    cDPO       L = -(1-eps) log sigmoid(r_w - r_l) - eps log sigmoid(r_l - r_w)
+    dual clip  L = -log sigmoid(min(r_w, m_w) - max(r_l, -m_l))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Stats = dict[str, torch.Tensor]
+
+
+def _stats(r_w: torch.Tensor, r_l: torch.Tensor, loss: torch.Tensor) -> Stats:
+    r_w, r_l = r_w.detach(), r_l.detach()
+    return {
+        "loss": loss.detach(),
+        "reward_chosen": r_w.mean(),
+        "reward_rejected": r_l.mean(),
+        "margin": (r_w - r_l).mean(),
+        "accuracy": (r_w > r_l).float().mean(),
+        # d(-log sigmoid(r_w - r_l)) / d(r_w - r_l) = -sigmoid(r_l - r_w): the per-pair gradient scale.
+        "grad_scale": torch.sigmoid(r_l - r_w).mean(),
+    }
+
+
+def _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    return beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, Stats]:
+    """Sigmoid DPO (paper eq. 11)."""
+    r_w, r_l = _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    loss = -F.logsigmoid(r_w - r_l).mean()
+    return loss, _stats(r_w, r_l, loss)
+
+
+def ipo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    tau: float = 0.2,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Stats]:
+    """IPO (paper eq. 12). beta only scales the reported rewards; pass lengths to average per token."""
+    h_w = policy_chosen - ref_chosen
+    h_l = policy_rejected - ref_rejected
+    if chosen_lengths is not None and rejected_lengths is not None:
+        h_w = h_w / chosen_lengths.clamp(min=1)
+        h_l = h_l / rejected_lengths.clamp(min=1)
+    loss = ((h_w - h_l - 1.0 / (2.0 * tau)) ** 2).mean()
+    return loss, _stats(beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected), loss)
+
+
+def cdpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    eps: float = 0.3,
+) -> tuple[torch.Tensor, Stats]:
+    """Conservative DPO with label smoothing eps (paper eq. 13)."""
+    r_w, r_l = _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    z = r_w - r_l
+    loss = (-(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)).mean()
+    return loss, _stats(r_w, r_l, loss)
+
+
+def dual_clip_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    margin_pos: float = 20.0,
+    margin_neg: float = 10.0,
+) -> tuple[torch.Tensor, Stats]:
+    """Dual clip reward loss (paper eq. 10, reconstructed): stop pushing a side once past its margin."""
+    r_w, r_l = _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    loss = -F.logsigmoid(torch.clamp(r_w, max=margin_pos) - torch.clamp(r_l, min=-margin_neg)).mean()
+    stats = _stats(r_w, r_l, loss)
+    stats["clip_frac_chosen"] = (r_w.detach() > margin_pos).float().mean()
+    stats["clip_frac_rejected"] = (r_l.detach() < -margin_neg).float().mean()
+    return loss, stats
+
+
+LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "cdpo": cdpo_loss,
+    "dual_clip": dual_clip_loss,
+}
+
+
+def preference_loss(
+    cfg,
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Stats]:
+    """Dispatch on a LossConfig (tso.config): the one place that maps settings onto loss arguments."""
+    args = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    if cfg.type == "dpo":
+        return dpo_loss(*args, beta=cfg.beta)
+    if cfg.type == "ipo":
+        mean = cfg.ipo_normalize == "mean"
+        return ipo_loss(
+            *args,
+            beta=cfg.beta,
+            tau=cfg.ipo_tau,
+            chosen_lengths=chosen_lengths if mean else None,
+            rejected_lengths=rejected_lengths if mean else None,
+        )
+    if cfg.type == "cdpo":
+        return cdpo_loss(*args, beta=cfg.beta, eps=cfg.cdpo_eps)
+    if cfg.type == "dual_clip":
+        return dual_clip_loss(*args, beta=cfg.beta, margin_pos=cfg.margin_pos, margin_neg=cfg.margin_neg)
+    raise ValueError(f"unknown loss type {cfg.type!r} (have {sorted(LOSSES)})")
