@@ -1,4 +1,4 @@
-"""General subcommands: `tso config check|show`."""
+"""General subcommands: `tso config check|show|reference`."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = csub.add_parser("show", help="print a run config with every default filled in")
     show.add_argument("config")
     show.set_defaults(func=_show)
+    ref = csub.add_parser("reference", help="print the configuration reference (Markdown)")
+    ref.set_defaults(func=_reference)
 
 
 def _check(args) -> int:
     cfg = load_config(args.config)
-    from tso.method.sources import resolve_sources
-
-    mix = resolve_sources(cfg.matrix, cfg.pairs.human_weight)
+    mix = cfg.mixtures()
     print(f"{args.config}: ok ({len(cfg.matrix.models)} models, base {cfg.matrix.base}, {cfg.stages} stages)")
     print(f"  positives (alpha): {mix.alpha}")
     print(f"  negatives (gamma): {mix.gamma}")
@@ -31,4 +31,43 @@ def _check(args) -> int:
 
 def _show(args) -> int:
     print(dump_config(load_config(args.config)), end="")
+    return 0
+
+
+def config_reference() -> str:
+    """A Markdown table of every config field, its default and its meaning, generated from the models."""
+    from pydantic import BaseModel
+
+    from tso.config import RunConfig
+
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            path = f"{prefix}{name}"
+            ann = field.annotation
+            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if sub is None:  # list[ModelEntry] and similar
+                args = getattr(ann, "__args__", ())
+                sub = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+                if sub is not None:
+                    path += "[]"
+            if sub is not None:
+                walk(sub, path + ".")
+                continue
+            if field.is_required():
+                default = "required"
+            else:
+                value = field.get_default(call_default_factory=True)
+                default = f"`{value!r}`".replace("|", "\\|")
+            type_name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+            type_name = type_name.replace("|", "\\|")
+            rows.append(f"| `{path}` | {type_name} | {default} | {field.description or ''} |")
+
+    walk(RunConfig, "")
+    return "\n".join(rows) + "\n"
+
+
+def _reference(args) -> int:
+    print(config_reference(), end="")
     return 0

@@ -43,13 +43,15 @@ class _Section(BaseModel):
 class EngineConfig(_Section):
     """How a model generates: the engine and its numeric/batching options."""
 
-    kind: Literal["transformers", "vllm", "auto"] = "auto"
+    kind: Literal["transformers", "vllm", "auto"] = Field(
+        "auto", description="auto: vLLM when installed and a GPU is present, else transformers."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int = Field(1, ge=1, le=256)
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
-    max_model_len: int | None = Field(None, ge=16)
+    torch_threads: int = Field(1, ge=1, le=256, description="torch threads per replica (replicas share the cores).")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Serve batching: requests generated together.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Serve batching: wait for a fuller batch.")
+    max_model_len: int | None = Field(None, ge=16, description="Context limit; default: the model config's.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
 
 
@@ -60,17 +62,19 @@ class ResourceConfig(_Section):
     num_gpus: float = Field(0.0, ge=0)
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
-    autoscaling: dict[str, Any] | None = None
+    autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config (replaces num_replicas).")
 
 
 class ModelEntry(_Section):
     """One model of the matrix: an ordinary Hugging Face model directory."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
-    path: str
-    version: int = Field(ge=0)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64, description="Unique; 'human' is reserved.")
+    path: str = Field(description="Hugging Face model directory; ${TSO_HOME} and ~ expand.")
+    version: int = Field(ge=0, description="Older to newer; versions are compared within a size.")
     size: float = Field(gt=0, description="Any number that orders sizes, e.g. parameters in billions.")
-    role: Literal["auto", "positive", "negative", "none"] = "auto"
+    role: Literal["auto", "positive", "negative", "none"] = Field(
+        "auto", description="auto: the paper's rule (newest largest positive; smaller or older than base negative)."
+    )
     weight: float | None = Field(None, ge=0, le=1, description="Mixing weight within its mixture.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     resources: ResourceConfig = Field(default_factory=ResourceConfig)
@@ -126,8 +130,10 @@ class JudgeTrainConfig(_Section):
 class JudgeConfig(_Section):
     path: str | None = Field(None, description="A trained judge; default <run_dir>/judge after stage 0.")
     feedback: str | None = Field(None, description="Feedback JSONL for evaluation correction (stage 0).")
-    dimensions: list[str] = Field(default_factory=lambda: ["correctness", "conciseness"], min_length=1)
-    rubrics: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_RUBRICS))
+    dimensions: list[str] = Field(
+        default_factory=lambda: ["correctness", "conciseness"], min_length=1, description="Rubric dimensions scored."
+    )
+    rubrics: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_RUBRICS), description="Rubric text per dimension.")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=64))
     train: JudgeTrainConfig = Field(default_factory=JudgeTrainConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -145,23 +151,25 @@ class JudgeConfig(_Section):
 
 
 class JudgeFilterConfig(_Section):
-    enabled: bool = False
+    enabled: bool = Field(False, description="Keep a pair only if S(chosen) > S(rejected) + delta.")
     delta: float = Field(0.0, ge=0)
 
 
 class PairsConfig(_Section):
     prompts: str | None = Field(None, description="Prompts JSONL/Parquet (prompt, human response, id).")
     human_weight: float = Field(0.5, ge=0, le=1, description="alpha of the human responses source.")
-    n_pos: int = Field(1, ge=1, le=64)
-    n_neg: int = Field(1, ge=1, le=64)
-    n_self: int = Field(4, ge=0, le=64)
-    tau_pos: float = Field(8.0, ge=2, le=10)
-    tau_neg: float = Field(4.0, ge=2, le=10)
-    self_pair_fraction: float = Field(0.5, ge=0, le=1)
+    positive_sources: list[str] | None = Field(None, description="Explicit positive models (overrides roles).")
+    negative_sources: list[str] | None = Field(None, description="Explicit negative models (overrides roles).")
+    n_pos: int = Field(1, ge=1, le=64, description="Positive draws per prompt.")
+    n_neg: int = Field(1, ge=1, le=64, description="Negative draws per prompt.")
+    n_self: int = Field(4, ge=0, le=64, description="Policy samples per prompt, scored by the judge.")
+    tau_pos: float = Field(8.0, ge=2, le=10, description="A judged policy answer scoring >= this is a positive.")
+    tau_neg: float = Field(4.0, ge=2, le=10, description="A judged policy answer scoring <= this is a negative.")
+    self_pair_fraction: float = Field(0.5, ge=0, le=1, description="Share of prompts that try a self pair.")
     judge_filter: JudgeFilterConfig = Field(default_factory=JudgeFilterConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    max_prompt_chars: int = Field(8192, ge=1)
-    max_prompts: int | None = Field(None, ge=1)
+    max_prompt_chars: int = Field(8192, ge=1, description="Longer prompts are rejects (never truncated).")
+    max_prompts: int | None = Field(None, ge=1, description="Use only the first N valid prompts.")
 
     @model_validator(mode="after")
     def _thresholds(self) -> PairsConfig:
@@ -176,13 +184,13 @@ LossType = Literal["dpo", "ipo", "cdpo", "dual_clip"]
 
 
 class LossConfig(_Section):
-    type: LossType = "dual_clip"
-    beta: float = Field(0.1, gt=0)
+    type: LossType = Field("dual_clip", description="dpo | ipo | cdpo | dual_clip")
+    beta: float = Field(0.1, gt=0, description="Reward scale r = beta * log-ratio.")
     margin_pos: float = Field(20.0, ge=0, description="m_w: chosen reward clip (reward units).")
     margin_neg: float = Field(10.0, ge=0, description="m_l: rejected reward clip (reward units).")
-    ipo_tau: float = Field(0.2, gt=0)
-    ipo_normalize: Literal["sum", "mean"] = "sum"
-    cdpo_eps: float = Field(0.3, ge=0, lt=0.5)
+    ipo_tau: float = Field(0.2, gt=0, description="IPO's tau (tau = beta reproduces OpenRLHF/TRL).")
+    ipo_normalize: Literal["sum", "mean"] = Field("sum", description="IPO log-ratios summed or averaged per token.")
+    cdpo_eps: float = Field(0.3, ge=0, lt=0.5, description="cDPO label smoothing.")
 
 
 class OptimizerConfig(_Section):
@@ -205,18 +213,20 @@ class TrainConfig(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     minibatches: int = Field(3, ge=1, description="K: mini-batches, the reference is swapped at each boundary.")
     epochs: int = Field(2, ge=1, description="E: epochs on each mini-batch.")
-    reference: Literal["policy", "frozen_copy"] = "policy"
-    regenerate_self_samples: bool = False
+    reference: Literal["policy", "frozen_copy"] = Field(
+        "policy", description="policy: reference log-probs computed by the policy at each boundary (no copy)."
+    )
+    regenerate_self_samples: bool = Field(False, description="Re-sample the policy's own answers per mini-batch.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     global_batch: int = Field(256, ge=1, description="Pairs per optimizer step, over all workers.")
     micro_batch: int = Field(8, ge=1, description="Pairs per forward/backward on one worker.")
-    zero_stage: int = Field(2, ge=0, le=3)
-    num_workers: int = Field(1, ge=1)
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU).")
     use_gpu: bool = False
-    compile: bool = False
-    max_length: int = Field(2048, ge=8)
+    compile: bool = Field(False, description="DeepSpeed engine.compile().")
+    max_length: int = Field(2048, ge=8, description="Longer prompt+response pairs are reported and skipped.")
     seed: int = 43
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="Steps between metric lines.")
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:
@@ -236,7 +246,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    prompts: str | None = None
+    prompts: str | None = Field(None, description="Held-out prompts JSONL for evaluation.")
     max_prompts: int | None = Field(None, ge=1)
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=2048))
 
@@ -246,7 +256,7 @@ class ServeConfig(_Section):
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
     app_name: str = "tso"
-    auth_token_env: str = "TSO_API_TOKEN"
+    auth_token_env: str = Field("TSO_API_TOKEN", description="Bearer token required when this variable is set.")
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_field_chars: int = Field(32_000, ge=1)
     max_batch_items: int = Field(64, ge=1)
@@ -256,8 +266,8 @@ class RunConfig(_Section):
     """A whole TSO run: the matrix, the judge, pair formation, training, T stages."""
 
     name: str = "tso"
-    run_dir: str = "runs/tso"
-    seed: int = 43
+    run_dir: str = Field("runs/tso", description="Where every artifact of the run goes (made absolute at load).")
+    seed: int = Field(43, description="Seeds every draw, keyed by (seed, stage, prompt id, role).")
     stages: int = Field(3, ge=1, description="T")
     matrix: MatrixConfig
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
@@ -268,12 +278,17 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _sources(self) -> RunConfig:
-        from tso.method.sources import resolve_sources
-
-        resolve_sources(self.matrix, self.pairs.human_weight)  # raises ValueError on bad weights/overlap
+        self.mixtures()  # raises ValueError on bad weights or overlapping sources
         return self
 
     # -- helpers used by the steps
+
+    def mixtures(self):
+        """The alpha (positive) and gamma (negative) source mixtures of this run."""
+        from tso.method.sources import resolve_sources
+
+        p = self.pairs
+        return resolve_sources(self.matrix, p.human_weight, p.positive_sources, p.negative_sources)
 
     def config_hash(self) -> str:
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()

@@ -23,7 +23,8 @@ class SequenceBatch:
     position_ids: torch.Tensor  # [N, T] long
 
     def to(self, device) -> SequenceBatch:
-        return SequenceBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_mask, self.position_ids)))
+        fields = (self.input_ids, self.attention_mask, self.response_mask, self.position_ids)
+        return SequenceBatch(*(t.to(device) for t in fields))
 
     @property
     def response_lengths(self) -> torch.Tensor:

@@ -53,12 +53,26 @@ def _weights(models, names: list[str], default: dict[str, float], what: str) -> 
     return {n: float(given[n]) for n in names}
 
 
-def resolve_sources(matrix, human_weight: float) -> Mixtures:
-    """The alpha and gamma mixtures of a matrix config; raises ValueError on any inconsistency."""
+def resolve_sources(
+    matrix, human_weight: float, positive_sources: list[str] | None = None, negative_sources: list[str] | None = None
+) -> Mixtures:
+    """The alpha and gamma mixtures of a matrix config; raises ValueError on any inconsistency.
+
+    Sets come from explicit lists when given, else from each model's role ("auto" = the paper's rule).
+    """
     models = matrix.models
+    names = [m.name for m in models]
+    for what, listed in (("positive_sources", positive_sources), ("negative_sources", negative_sources)):
+        unknown = sorted(set(listed or []) - set(names))
+        if unknown:
+            raise ValueError(f"pairs.{what} names models that are not in the matrix: {unknown}")
     auto_pos, auto_neg = _default_roles(models, matrix.base)
     pos = [m.name for m in models if m.role == "positive" or (m.role == "auto" and m.name in auto_pos)]
     neg = [m.name for m in models if m.role == "negative" or (m.role == "auto" and m.name in auto_neg)]
+    if positive_sources is not None:
+        pos = [n for n in names if n in positive_sources]
+    if negative_sources is not None:
+        neg = [n for n in names if n in negative_sources]
     overlap = set(pos) & set(neg)
     if overlap:
         raise ValueError(f"models {sorted(overlap)} are both positive and negative sources")
