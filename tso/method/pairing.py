@@ -1,0 +1,145 @@
+"""Preference pair formation over plain records (TSO-METHOD.md sections 2-3, paper eq. 9).
+
+Per prompt the pipeline gathers candidate answers: matrix positives (drawn from the alpha mixture),
+matrix negatives (gamma mixture) and, for prompts chosen for a self pair, the policy's own samples,
+all judged. This module turns those candidates into pairs with provenance; it does no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from tso.method.sources import row_rng
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    source: str  # a matrix model name, "human", or "policy"
+    score: float | None = None  # judge score; None = unscored (or not judged)
+    unscored_reason: str | None = None
+
+
+@dataclass
+class Pair:
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_source: str
+    rejected_source: str
+    chosen_score: float | None
+    rejected_score: float | None
+    kind: str  # matrix | self | self_chosen | self_rejected
+    stage: int
+    seed: int
+    alpha_renormalized: bool = False
+    self_scores: list[float | None] = field(default_factory=list)
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PairRules:
+    tau_pos: float = 8.0
+    tau_neg: float = 4.0
+    self_pair_fraction: float = 0.5
+    judge_filter: bool = False
+    delta: float = 0.0
+
+    @classmethod
+    def from_config(cls, pairs_cfg) -> PairRules:
+        return cls(
+            tau_pos=pairs_cfg.tau_pos,
+            tau_neg=pairs_cfg.tau_neg,
+            self_pair_fraction=pairs_cfg.self_pair_fraction,
+            judge_filter=pairs_cfg.judge_filter.enabled,
+            delta=pairs_cfg.judge_filter.delta,
+        )
+
+
+def tries_self_pair(seed: int, stage: int, prompt_id: str, fraction: float) -> bool:
+    """Whether this prompt aims for a self pair: a keyed draw, so independent of order and batching."""
+    if fraction <= 0:
+        return False
+    return bool(row_rng(seed, stage, prompt_id, "self_pair").random() < fraction)
+
+
+def route_self_samples(samples: list[Candidate], rules: PairRules) -> tuple[Candidate | None, Candidate | None]:
+    """The best sample if it qualifies as a positive (>= tau_pos) and the worst if it qualifies as a
+    negative (<= tau_neg). Unscored samples are never used."""
+    scored = [s for s in samples if s.score is not None]
+    if not scored:
+        return None, None
+    best = max(scored, key=lambda s: s.score)
+    worst = min(scored, key=lambda s: s.score)
+    pos = best if best.score >= rules.tau_pos else None
+    neg = worst if worst.score <= rules.tau_neg and worst is not best else None
+    if neg is None and pos is None and worst.score <= rules.tau_neg:
+        neg = worst
+    return pos, neg
+
+
+def passes_judge_filter(chosen: Candidate, rejected: Candidate, rules: PairRules) -> bool:
+    if not rules.judge_filter:
+        return True
+    if chosen.score is None or rejected.score is None:
+        return False
+    return chosen.score > rejected.score + rules.delta
+
+
+def form_pairs(
+    prompt_id: str,
+    prompt: str,
+    positives: list[Candidate],
+    negatives: list[Candidate],
+    self_samples: list[Candidate],
+    rules: PairRules,
+    *,
+    stage: int,
+    seed: int,
+    try_self: bool,
+    alpha_renormalized: bool = False,
+) -> tuple[list[Pair], dict[str, int]]:
+    """Pairs for one prompt and counts of what happened (kinds, filtered).
+
+    Matrix pairs zip positives with negatives (the longer list cycles). A self-pair prompt pairs the
+    policy's best against its worst when both qualify; when one side qualifies it is paired with a
+    matrix answer for the other side; when neither does, the prompt gives matrix pairs.
+    """
+    counts: dict[str, int] = {}
+    self_pos, self_neg = route_self_samples(self_samples, rules) if try_self else (None, None)
+    if self_pos is not None and self_neg is not None:
+        combos, kind = [(self_pos, self_neg)], "self"
+    elif self_pos is not None:
+        combos, kind = [(self_pos, negatives[0])], "self_chosen"
+    elif self_neg is not None:
+        combos, kind = [(positives[0], self_neg)], "self_rejected"
+    else:
+        n = max(len(positives), len(negatives))
+        combos, kind = [(positives[i % len(positives)], negatives[i % len(negatives)]) for i in range(n)], "matrix"
+    pairs = []
+    for chosen, rejected in combos:
+        if not passes_judge_filter(chosen, rejected, rules):
+            counts["filtered"] = counts.get("filtered", 0) + 1
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+        pairs.append(
+            Pair(
+                id=prompt_id if len(combos) == 1 else f"{prompt_id}#{len(pairs)}",
+                prompt=prompt,
+                chosen=chosen.text,
+                rejected=rejected.text,
+                chosen_source=chosen.source,
+                rejected_source=rejected.source,
+                chosen_score=chosen.score,
+                rejected_score=rejected.score,
+                kind=kind,
+                stage=stage,
+                seed=seed,
+                alpha_renormalized=alpha_renormalized,
+                self_scores=[s.score for s in self_samples],
+            )
+        )
+    return pairs, counts
