@@ -189,3 +189,20 @@ def test_keyed_draws_are_deterministic_and_follow_weights():
     assert draws.count("a") / 4000 == pytest.approx(0.2, abs=0.025)
     src, renorm = draw_source({HUMAN: 0.5, "a": 0.5}, row_rng(1, 1, "x", "pos"), available={"a"})
     assert (src, renorm) == ("a", True)
+
+
+def test_extends_merges_over_a_parent_config(tmp_path):
+    parent = _write(tmp_path, BASE, "parent.yaml")
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": parent.name, "name": "dpo", "train": {"minibatches": 1, "loss": {"type": "dpo"}}}))
+    cfg = load_config(child)
+    assert cfg.name == "dpo" and cfg.train.minibatches == 1 and cfg.train.loss.type == "dpo"
+    assert cfg.train.loss.beta == 0.1 and cfg.matrix.base == "v2-m"  # the rest comes from the parent
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(yaml.safe_dump({"extends": "loop.yaml"}))
+    with pytest.raises(ConfigError, match="circular extends"):
+        load_config(loop)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"extends": "nowhere.yaml"}))
+    with pytest.raises(ConfigError, match="extends: no config at"):
+        load_config(missing)

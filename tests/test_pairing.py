@@ -113,3 +113,12 @@ def test_read_prompts_parquet_and_max_prompts(tmp_path):
     ps = read_prompts(path, max_prompts=2)
     assert [r["id"] for r in ps.rows] == ["q0", "q1"] and ps.over_limit == 2
     assert ps.rejects == [{"line": 3, "reason": "empty_prompt", "detail": "", "raw": '{"id": "q2", "prompt": " "}'}]
+
+
+def test_self_reward_mode_pairs_best_against_worst_without_thresholds():
+    rules = PairRules(mode="self_reward")
+    samples = [Candidate("a", "policy", 6.0), Candidate("b", "policy", 7.0), Candidate("c", "policy", None, "no_score")]
+    pairs, counts = form_pairs("p", "q", [], [], samples, rules, stage=2, seed=1, try_self=True)
+    assert counts == {"self_reward": 1} and (pairs[0].chosen, pairs[0].rejected) == ("b", "a")
+    pairs, counts = form_pairs("p", "q", [], [], samples[:1], rules, stage=2, seed=1, try_self=True)
+    assert pairs == [] and counts == {"no_self_pair": 1}

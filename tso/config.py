@@ -156,6 +156,9 @@ class JudgeFilterConfig(_Section):
 
 
 class PairsConfig(_Section):
+    mode: Literal["tso", "self_reward"] = Field(
+        "tso", description="self_reward: only the policy's own judged samples, best vs worst (paper Table 5 baseline)."
+    )
     prompts: str | None = Field(None, description="Prompts JSONL/Parquet (prompt, human response, id).")
     human_weight: float = Field(0.5, ge=0, le=1, description="alpha of the human responses source.")
     positive_sources: list[str] | None = Field(None, description="Explicit positive models (overrides roles).")
@@ -247,6 +250,7 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     prompts: str | None = Field(None, description="Held-out prompts JSONL for evaluation.")
+    verifier: Literal["none", "toyworld"] = Field("none", description="Ground-truth scorer (the toy world's verifier).")
     max_prompts: int | None = Field(None, ge=1)
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=2048))
 
@@ -275,6 +279,9 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    baselines: list[str] = Field(
+        default_factory=list, description="Baseline configs run beside TSO and put in its report (builtin:NAME or a path)."
+    )
 
     @model_validator(mode="after")
     def _sources(self) -> RunConfig:
@@ -379,13 +386,42 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     source = str(path)
     if not path.is_file():
         raise ConfigError(source, "", "no such file")
+    data = _read_yaml(path, source, seen=())
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return parse_config(data, source)
+
+
+def resolve_config_ref(ref: str, relative_to: Path | None = None) -> Path:
+    """`builtin:NAME` is a config shipped in tso/configs; anything else is a path."""
+    if ref.startswith("builtin:"):
+        return builtin_config_path(ref.removeprefix("builtin:"))
+    p = Path(_expand(ref))
+    return p if p.is_absolute() or relative_to is None else (relative_to / p)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, source: str, seen: tuple) -> dict:
+    """Read a YAML config; `extends: <ref>` deep-merges this file over another config."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(source, "", f"not valid YAML: {e}") from None
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
-    return parse_config(data, source)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    ref = data.pop("extends")
+    parent = resolve_config_ref(str(ref), path.parent)
+    if not parent.is_file():
+        raise ConfigError(source, "extends", f"no config at {parent}")
+    if parent.resolve() in seen:
+        raise ConfigError(source, "extends", f"circular extends through {parent}")
+    return _deep_merge(_read_yaml(parent, str(parent), (*seen, path.resolve())), data)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -47,6 +47,7 @@ class PairRules:
     self_pair_fraction: float = 0.5
     judge_filter: bool = False
     delta: float = 0.0
+    mode: str = "tso"  # "self_reward": best vs worst of the policy's own samples only
 
     @classmethod
     def from_config(cls, pairs_cfg) -> PairRules:
@@ -56,6 +57,7 @@ class PairRules:
             self_pair_fraction=pairs_cfg.self_pair_fraction,
             judge_filter=pairs_cfg.judge_filter.enabled,
             delta=pairs_cfg.judge_filter.delta,
+            mode=pairs_cfg.mode,
         )
 
 
@@ -110,7 +112,14 @@ def form_pairs(
     """
     counts: dict[str, int] = {}
     self_pos, self_neg = route_self_samples(self_samples, rules) if try_self else (None, None)
-    if self_pos is not None and self_neg is not None:
+    if rules.mode == "self_reward":
+        scored = [s for s in self_samples if s.score is not None]
+        best = max(scored, key=lambda s: s.score, default=None)
+        worst = min(scored, key=lambda s: s.score, default=None)
+        if best is None or best.score <= worst.score:
+            return [], {"no_self_pair": 1}
+        combos, kind = [(best, worst)], "self_reward"
+    elif self_pos is not None and self_neg is not None:
         combos, kind = [(self_pos, self_neg)], "self"
     elif self_pos is not None:
         combos, kind = [(self_pos, negatives[0])], "self_chosen"

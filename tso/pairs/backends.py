@@ -1,0 +1,78 @@
+"""Where pair formation sends its generation and judging requests.
+
+`ServeBackend` calls the long-lived Ray Serve deployments through handles (the production path);
+`LocalBackend` runs the same engines in this process without Ray (the benchmark's baseline, and a
+way to debug pair formation on one machine). Both take all of a batch's requests at once, so the
+Serve replicas can batch them (`@serve.batch`) and the local engines get one call per model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+POLICY = "policy"
+
+
+class Backend(Protocol):
+    def generate(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        """[(model name or "policy", request)] -> [{"texts": [...], "checkpoint": ...}]"""
+
+    def score(self, requests: list[dict]) -> list[dict]:
+        """[{"prompt", "response"}] -> [{"score": float | None, "reason": str | None, ...}]"""
+
+
+def deployment_name(model: str) -> str:
+    return POLICY if model == POLICY else f"model-{model}"
+
+
+class ServeBackend:
+    """Deployment handles of a running tso Serve application."""
+
+    def __init__(self, app_name: str):
+        self.app_name = app_name
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, deployment: str):
+        if deployment not in self._handles:
+            from ray import serve
+
+            self._handles[deployment] = serve.get_deployment_handle(deployment, app_name=self.app_name)
+        return self._handles[deployment]
+
+    def generate(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        responses = [self._handle(deployment_name(model)).generate.remote(req) for model, req in requests]
+        return [r.result() for r in responses]
+
+    def score(self, requests: list[dict]) -> list[dict]:
+        judge = self._handle("judge")
+        responses = [judge.score.remote(req) for req in requests]
+        return [r.result() for r in responses]
+
+
+class LocalBackend:
+    """The same engines and judge logic in one process, no Ray: the pipeline's overhead baseline."""
+
+    def __init__(self, cfg, policy_path: str | None = None, judge_path: str | None = None):
+        from tso.engines import make_engine
+        from tso.serving.judge import JudgeScorer
+
+        self.engines = {m.name: make_engine(m.engine, m.path) for m in cfg.matrix.models}
+        base = cfg.matrix.entry(cfg.matrix.base)
+        self.engines[POLICY] = make_engine(base.engine, policy_path or base.path)
+        self.judge = JudgeScorer(cfg.judge, make_engine(cfg.judge.engine, judge_path or cfg.judge.path or base.path))
+
+    def generate(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        from tso.engines import generate_requests
+
+        out: list[dict | None] = [None] * len(requests)
+        by_model: dict[str, list[int]] = {}
+        for i, (model, _) in enumerate(requests):
+            by_model.setdefault(model, []).append(i)
+        for model, idx in by_model.items():
+            results = generate_requests(self.engines[model], [requests[i][1] for i in idx])
+            for i, res in zip(idx, results):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def score(self, requests: list[dict]) -> list[dict]:
+        return self.judge.score_batch(requests)

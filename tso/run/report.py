@@ -1,0 +1,145 @@
+"""`tso report RUN_DIR`: a Markdown report with paper-style tables and the training plots.
+
+It reads only what the run wrote (eval/*.json, stage-*/pairs/summary.json, stage-*/train/metrics.jsonl
+and plots), so it can be regenerated at any time, also for a partial run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tso.io import atomic_write_text
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _model_order(label: str) -> tuple:
+    if label == "base":
+        return (0, 0, label)
+    if label.startswith("tso-"):
+        return (2, int(label.split("-")[1]), label)
+    return (1, 0, label)
+
+
+def model_table(evals: list[dict]) -> str:
+    rows = [
+        "| model | verifier mean (ground truth) | judge mean | win rate vs base (verifier) | judge unscored | prompts |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in sorted(evals, key=lambda e: _model_order(e["label"])):
+        rows.append(
+            f"| {e['label']} | {_fmt(e.get('verifier_mean'))} | {_fmt(e.get('judge_mean'))} | "
+            f"{_fmt(e.get('win_rate_vs_base'))} | {_fmt(e.get('judge_unscored', 0))} | {e.get('n', '-')} |"
+        )
+    return "\n".join(rows)
+
+
+def family_table(evals: list[dict]) -> str:
+    families = sorted({f for e in evals for f in (e.get("per_family") or {})})
+    if not families:
+        return ""
+    rows = ["| model | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    for e in sorted(evals, key=lambda e: _model_order(e["label"])):
+        pf = e.get("per_family") or {}
+        rows.append(f"| {e['label']} | " + " | ".join(_fmt(pf.get(f)) for f in families) + " |")
+    return "\n".join(rows)
+
+
+def _last_metrics(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        if line.strip():
+            last = json.loads(line)
+    return last
+
+
+def stage_table(run_dir: Path) -> str:
+    rows = [
+        "| run | pairs | kinds | rejected rows | unscored judge answers | final loss | reward chosen | reward rejected |"
+        " accuracy | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "pairs").exists()):
+        s = _load_json(d / "pairs" / "summary.json") or {}
+        m = _last_metrics(d / "train" / "metrics.jsonl") or {}
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted((s.get("pair_kinds") or {}).items()))
+        unscored = sum((s.get("unscored_judge_answers") or {}).values())
+        rows.append(
+            f"| {d.name} | {s.get('pairs', '-')} | {kinds or '-'} | {s.get('rejected_rows', '-')} | {unscored} | "
+            f"{_fmt(m.get('loss'), 4)} | {_fmt(m.get('reward_chosen'), 3)} | {_fmt(m.get('reward_rejected'), 3)} | "
+            f"{_fmt(m.get('accuracy'))} | {m.get('step', '-')} |"
+        )
+    return "\n".join(rows)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    evals = [e for e in (_load_json(p) for p in sorted((run_dir / "eval").glob("*.json"))) if e and "label" in e]
+    meta = _load_json(run_dir / "run.json") or {}
+    parts = [f"# TSO run report: {meta.get('name', run_dir.name)}", ""]
+    if meta:
+        parts += [
+            f"Config hash `{meta.get('config_hash', '-')}`, seed {meta.get('seed', '-')}, "
+            f"{meta.get('stages', '-')} stages, loss `{meta.get('loss', '-')}`.",
+            "",
+        ]
+    parts += ["## Held-out evaluation", ""]
+    if evals:
+        parts += [
+            "Answers sampled with the evaluation decoding settings; the verifier is the toy world's ground "
+            "truth on the 2..10 scale, the judge is the corrected judge of stage 0.",
+            "",
+            model_table(evals),
+            "",
+        ]
+        fam = family_table(evals)
+        if fam:
+            parts += ["Verifier mean per task family:", "", fam, ""]
+        parts += [_verdict(evals), ""]
+    else:
+        parts += ["No evaluation results yet.", ""]
+    parts += ["## Stages", "", stage_table(run_dir), ""]
+    plots = sorted(run_dir.glob("*/train/*.png"))
+    if plots:
+        parts += ["## Training curves", ""]
+        for p in plots:
+            rel = p.relative_to(run_dir)
+            parts += [f"### {rel.parts[0]}", "", f"![{rel}]({rel})", ""]
+    timings = meta.get("timings")
+    if timings:
+        parts += ["## Time per phase", "", "| phase | seconds |", "|---|---|"]
+        parts += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+        parts.append("")
+    return atomic_write_text(run_dir / "report.md", "\n".join(parts))
+
+
+def _verdict(evals: list[dict]) -> str:
+    """States, not asserts, whether the paper's expected shape held (TSO-1 < TSO-2 < ... and above base/DPO)."""
+    by = {e["label"]: e.get("verifier_mean") for e in evals}
+    tso = [by[k] for k in sorted((k for k in by if k.startswith("tso-")), key=lambda k: int(k.split("-")[1]))]
+    lines = []
+    if len(tso) >= 2 and None not in tso:
+        rising = all(a < b for a, b in zip(tso, tso[1:]))
+        lines.append(f"TSO stages rise monotonically on ground truth: **{'yes' if rising else 'no'}** ({', '.join(_fmt(t) for t in tso)}).")
+    if tso and tso[-1] is not None:
+        for ref in ("base", "dpo"):
+            if by.get(ref) is not None:
+                lines.append(f"Last TSO stage above {ref}: **{'yes' if tso[-1] > by[ref] else 'no'}** "
+                             f"({_fmt(tso[-1])} vs {_fmt(by[ref])}).")
+    return " ".join(lines)
