@@ -194,7 +194,8 @@ def test_keyed_draws_are_deterministic_and_follow_weights():
 def test_extends_merges_over_a_parent_config(tmp_path):
     parent = _write(tmp_path, BASE, "parent.yaml")
     child = tmp_path / "child.yaml"
-    child.write_text(yaml.safe_dump({"extends": parent.name, "name": "dpo", "train": {"minibatches": 1, "loss": {"type": "dpo"}}}))
+    override = {"extends": parent.name, "name": "dpo", "train": {"minibatches": 1, "loss": {"type": "dpo"}}}
+    child.write_text(yaml.safe_dump(override))
     cfg = load_config(child)
     assert cfg.name == "dpo" and cfg.train.minibatches == 1 and cfg.train.loss.type == "dpo"
     assert cfg.train.loss.beta == 0.1 and cfg.matrix.base == "v2-m"  # the rest comes from the parent

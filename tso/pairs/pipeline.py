@@ -226,9 +226,7 @@ def write_outputs(out_dir: Path, results: list[dict], summary: dict, rejects: li
     import pyarrow as pa
 
     from tso.io import atomic_write_json, atomic_write_parquet
-    from tso.pairs.prompts import write_rejects
-
-    from tso.pairs.prompts import prompt_text
+    from tso.pairs.prompts import prompt_text, write_rejects
 
     rows = [p for r in sorted(results, key=lambda r: r["id"]) for p in r["pairs"]]
     for p in rows:  # `prompt` is flat text for reading; `prompt_messages` is the chat the models saw

@@ -136,7 +136,8 @@ def _verdict(evals: list[dict]) -> str:
     lines = []
     if len(tso) >= 2 and None not in tso:
         rising = all(a < b for a, b in zip(tso, tso[1:]))
-        lines.append(f"TSO stages rise monotonically on ground truth: **{'yes' if rising else 'no'}** ({', '.join(_fmt(t) for t in tso)}).")
+        shown = ", ".join(_fmt(t) for t in tso)
+        lines.append(f"TSO stages rise monotonically on ground truth: **{'yes' if rising else 'no'}** ({shown}).")
     if tso and tso[-1] is not None:
         for ref in ("base", "dpo"):
             if by.get(ref) is not None:
