@@ -87,21 +87,23 @@ def test_read_prompts_rejects_every_bad_row_with_its_line(tmp_path):
         json.dumps({"id": "e", "prompt": [{"role": "user", "content": "héllo 日本"}]}),
         json.dumps({"id": "f", "prompt": [{"role": "wizard", "content": "hi"}]}),
         json.dumps({"id": "g", "prompt": "ok", "human": 5}),
-        json.dumps({"id": "h", "prompt": "ok", "colour": "red"}),
+        json.dumps({"id": "h", "prompt": "ok", "colour": "red", "metadata": "oops"}),
         "",
         json.dumps({"prompt": "no id given", "human_response": "fine"}),
+        json.dumps({"id": "fam", "prompt": "1+1?", "family": "add"}),
     ]
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(lines) + "\n")
     ps = read_prompts(path, max_chars=40)
-    assert [r["id"] for r in ps.rows] == ["a", "e", "row-13"]
+    assert [r["id"] for r in ps.rows] == ["a", "e", "row-13", "fam"]
+    assert ps.rows[3]["metadata"] == {"family": "add"}
     assert ps.rows[2]["human"] == "fine"
     assert ps.rows[1]["prompt"][0]["content"] == "héllo 日本"
     got = {(r["line"], r["reason"]) for r in ps.rejects}
     assert got == {
         (2, "invalid_json"), (3, "empty_prompt"), (4, "missing_prompt"), (5, "prompt_too_long"),
         (6, "not_an_object"), (7, "duplicate_id"), (9, "bad_chat_role"), (10, "bad_human_response"),
-        (11, "unknown_field"), (12, "blank_line"),
+        (11, "bad_metadata"), (12, "blank_line"),
     }
     assert len(ps.rows) + len(ps.rejects) == len(lines)
     assert "50 characters > limit 40" in next(r["detail"] for r in ps.rejects if r["reason"] == "prompt_too_long")

@@ -1,7 +1,8 @@
 """Reading a prompts dataset (JSONL or Parquet) with every bad row rejected by line and reason.
 
 A row: {"prompt": str | [{"role", "content"}, ...], "human": optional str, "id": optional str|int,
-"metadata": optional object}. "human_response" is accepted as an alias of "human". Nothing is
+"metadata": optional object}. "human_response" is accepted as an alias of "human"; any other field
+(e.g. the toy world's "family") is kept in the row's metadata. Nothing is
 silently dropped: each rejected row goes to the rejects file with its line (JSONL, 1-based) or row
 number (Parquet, 1-based) and the reason, and is counted in the summary.
 """
@@ -65,9 +66,6 @@ def validate_row(raw, number: int, max_chars: int, seen_ids: set[str]) -> tuple[
     if not isinstance(raw, dict):
         return reject("not_an_object", f"got {type(raw).__name__}")
     human = raw.get("human", raw.get("human_response"))
-    unknown = set(raw) - {"prompt", "human", "human_response", "id", "metadata"}
-    if unknown:
-        return reject("unknown_field", f"fields {sorted(unknown)}")
     problem = _check_prompt(raw.get("prompt"))
     if problem:
         return reject(problem)
@@ -85,6 +83,8 @@ def validate_row(raw, number: int, max_chars: int, seen_ids: set[str]) -> tuple[
     meta = raw.get("metadata", {})
     if not isinstance(meta, dict):
         return reject("bad_metadata", "metadata must be an object")
+    extra = {k: v for k, v in raw.items() if k not in ("prompt", "human", "human_response", "id", "metadata")}
+    meta = {**extra, **meta}
     seen_ids.add(rid)
     return {"id": rid, "prompt": raw["prompt"], "human": human, "metadata": meta, "line": number}, None
 

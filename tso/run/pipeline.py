@@ -1,0 +1,243 @@
+"""`tso run`: judge correction (stage 0), then T stages of pair formation, mini-batch iterative DPO
+and registration of the new policy in the matrix, then evaluation and the report.
+
+Every step writes its artifacts atomically under the run directory and is skipped when they are
+already there, so running the same command again after an interruption resumes after the last
+completed step. Layout of a run directory:
+
+    run.json, config.yaml       what ran (config hash, phase timings, status)
+    judge/                      the corrected judge (stage 0), judge_train/ its metrics
+    stage-<t>/pairs/            pairs.parquet, summary.json, rejects.jsonl
+    stage-<t>/train/            policy/ (the new matrix version), metrics.jsonl, training.png
+    baselines/<name>/           the same layout for each baseline run
+    eval/                       <label>.json and <label>.answers.jsonl per evaluated model
+    report.md                   tables and plots
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from tso.config import ModelEntry, RunConfig, dump_config, load_config, resolve_config_ref
+from tso.io import atomic_write_json, atomic_write_text
+
+
+class Timer:
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        print(f"[tso] >>> {name}", flush=True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            took = time.perf_counter() - start
+            self.phases[name] = self.phases.get(name, 0.0) + took
+            print(f"[tso] <<< {name}: {took:.1f} s", flush=True)
+
+
+def _metric(name: str, description: str):
+    """A Ray custom metric (shown by the dashboard's Prometheus/Grafana), or None outside Ray."""
+    try:
+        from ray.util.metrics import Gauge
+
+        return Gauge(name, description=description, tag_keys=("run",))
+    except Exception:  # noqa: BLE001 - metrics are best effort
+        return None
+
+
+def connect_ray(num_cpus: int = 8) -> bool:
+    """Join the cluster this driver was submitted to (RAY_ADDRESS / `ray start`), else start a local one.
+    Returns True when it started its own cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get("TSO_HOME"):
+        env["TSO_HOME"] = os.environ["TSO_HOME"]
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        return False
+    try:
+        ray.init(address="auto", runtime_env={"env_vars": env})
+        return False
+    except ConnectionError:
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True)
+        return True
+
+
+# ----------------------------------------------------------------------------- matrix bookkeeping
+
+
+def policy_name(stage: int, prefix: str = "tso") -> str:
+    return f"{prefix}-{stage}"
+
+
+def register_policy(cfg: RunConfig, stage: int, policy_dir: str, prefix: str = "tso") -> RunConfig:
+    """The stage's policy joins the matrix as the newest version of the base's size and becomes the
+    base of the next stage, so earlier policies become negatives (TSO-METHOD.md section 6)."""
+    new = cfg.model_copy(deep=True)
+    base = new.matrix.entry(new.matrix.base)
+    entry = ModelEntry(
+        name=policy_name(stage, prefix), path=str(policy_dir), version=max(m.version for m in new.matrix.models
+                                                                           if m.size == base.size) + 1,
+        size=base.size, engine=base.engine.model_copy(), resources=base.resources.model_copy(),
+    )
+    new.matrix.models.append(entry)
+    new.matrix.base = entry.name
+    return new
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def _done(path: Path) -> bool:
+    return path.is_file()
+
+
+def judge_step(cfg: RunConfig, run_dir: Path, timer: Timer) -> str | None:
+    """Stage 0: the corrected judge. A configured judge.path is used as is."""
+    if cfg.judge.path:
+        return cfg.judge.path
+    judge_dir = run_dir / "judge"
+    if _done(judge_dir / "config.json") and _done(run_dir / "judge_train" / "summary.json"):
+        print(f"[tso] judge: done before ({judge_dir})")
+        return str(judge_dir)
+    if not cfg.judge.feedback:
+        print("[tso] judge: no judge.feedback and no judge.path: the base model serves as the uncorrected judge")
+        return None
+    from tso.train.ray_trainer import train_judge
+
+    timer.run("judge correction (stage 0)", train_judge, cfg, cfg.judge.feedback, judge_dir)
+    return str(judge_dir)
+
+
+def pairs_step(cfg: RunConfig, stage: int, out_dir: Path, timer: Timer) -> Path:
+    summary = out_dir / "summary.json"
+    if _done(summary):
+        print(f"[tso] stage {stage} pairs: done before ({out_dir})")
+        return out_dir / "pairs.parquet"
+    from tso.pairs.pipeline import form_pairs_step
+
+    res = timer.run(f"stage {stage}: pair formation", form_pairs_step, cfg, stage, out_dir, app_name=cfg.serve.app_name)
+    s = res["summary"]
+    print(f"[tso] stage {stage}: {s['pairs']} pairs from {s['prompts']} prompts, kinds {s['pair_kinds']}, "
+          f"rejected rows {s['rejected_rows']}, unscored judge answers {s['unscored_judge_answers']}")
+    if s["pairs"] == 0:
+        raise RuntimeError(f"stage {stage}: pair formation made no pairs (see {summary})")
+    return out_dir / "pairs.parquet"
+
+
+def train_step(cfg: RunConfig, stage: int, pairs: Path, base_path: str, out_dir: Path, timer: Timer) -> str:
+    policy = out_dir / "policy"
+    if _done(policy / "lineage.json") and _done(out_dir / "summary.json"):
+        print(f"[tso] stage {stage} training: done before ({policy})")
+        return str(policy)
+    from tso.train.ray_trainer import train_policy
+
+    res = timer.run(f"stage {stage}: mini-batch iterative DPO", train_policy, cfg, pairs, base_path, out_dir, stage)
+    return res.policy_dir
+
+
+def run_stages(
+    cfg: RunConfig, run_dir: Path, timer: Timer, prefix: str = "tso", deploy_app: bool = True
+) -> tuple[RunConfig, list[str]]:
+    """Stages 1..T over a config whose judge is settled; returns the final config and the policies."""
+    from tso.serving.app import deploy
+
+    stage_gauge = _metric("tso_stage", "the TSO stage being run")
+    if deploy_app:
+        timer.run("deploy matrix, policy and judge on Serve", deploy, cfg)
+    policies = []
+    for t in range(1, cfg.stages + 1):
+        if stage_gauge:
+            stage_gauge.set(t, tags={"run": cfg.name})
+        stage_dir = run_dir / f"stage-{t}"
+        pairs = pairs_step(cfg, t, stage_dir / "pairs", timer)
+        base_path = cfg.matrix.entry(cfg.matrix.base).path
+        policy = train_step(cfg, t, pairs, base_path, stage_dir / "train", timer)
+        policies.append(policy)
+        cfg = register_policy(cfg, t, policy, prefix)
+        if t < cfg.stages or deploy_app:
+            # the new version gets its own deployment and the policy deployment now serves it
+            timer.run(f"stage {t}: register {cfg.matrix.base} and hot-swap the policy", deploy, cfg)
+    return cfg, policies
+
+
+def baseline_config(ref: str, main: RunConfig, judge_path: str | None, run_dir: Path) -> RunConfig:
+    """A baseline runs over the same machinery with its own config, sharing the main run's judge."""
+    path = resolve_config_ref(ref)
+    cfg = load_config(path)
+    cfg = cfg.model_copy(deep=True)
+    cfg.run_dir = str(run_dir / "baselines" / cfg.name)
+    cfg.judge.path = judge_path
+    cfg.serve = main.serve.model_copy()
+    cfg.baselines = []
+    return cfg
+
+
+def run_pipeline(
+    cfg: RunConfig, source: str = "<config>", *, with_baselines: bool = True, keep_serving: bool | None = None
+) -> dict:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    cfg.require_model_dirs(source)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    meta = {"name": cfg.name, "config_hash": cfg.config_hash(), "seed": cfg.seed, "stages": cfg.stages,
+            "loss": cfg.train.loss.type, "source": source, "status": "running", "started": time.time()}
+    previous = run_dir / "run.json"
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("config_hash") not in (None, meta["config_hash"]):
+            raise RuntimeError(
+                f"{run_dir} holds a run of another config (hash {old['config_hash']} != {meta['config_hash']}): "
+                "use a new run_dir or restore the config"
+            )
+    atomic_write_json(previous, meta)
+
+    started_ray = connect_ray()
+    try:
+        judge_path = judge_step(cfg, run_dir, timer)
+        cfg.judge.path = judge_path
+        final_cfg, policies = run_stages(cfg, run_dir, timer)
+
+        models = {"base": cfg.matrix.entry(cfg.matrix.base).path}
+        models.update({policy_name(t + 1): p for t, p in enumerate(policies)})
+        if with_baselines:
+            for ref in cfg.baselines:
+                bcfg = baseline_config(ref, cfg, judge_path, run_dir)
+                Path(bcfg.run_dir).mkdir(parents=True, exist_ok=True)
+                _, bpolicies = run_stages(bcfg, Path(bcfg.run_dir), timer, prefix=bcfg.name, deploy_app=True)
+                models[bcfg.name] = bpolicies[-1]
+                from tso.serving.app import deploy
+
+                timer.run("restore the TSO app", deploy, final_cfg)
+
+        if cfg.eval.prompts:
+            from tso.pairs.backends import ServeBackend
+            from tso.run.evaluate import evaluate
+
+            timer.run("evaluation", evaluate, cfg, models, run_dir / "eval", ServeBackend(cfg.serve.app_name))
+        meta.update(status="done", timings=timer.phases, finished=time.time(), policies=policies)
+        atomic_write_json(previous, meta)
+        from tso.run.report import write_report
+
+        report = write_report(run_dir)
+        print(f"[tso] report: {report}")
+        return {"run_dir": str(run_dir), "report": str(report), "policies": policies, "timings": timer.phases}
+    finally:
+        if keep_serving is False or (keep_serving is None and started_ray):
+            import ray
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            finally:
+                if started_ray:
+                    ray.shutdown()
