@@ -1,0 +1,114 @@
+"""Boundary checkpoints: everything needed to resume at the next mini-batch without redoing finished ones.
+
+A checkpoint directory holds
+- ``engine/``: the optimizer, LR schedule and model state (a DeepSpeed checkpoint: model states from
+  rank 0, one optimizer partition per rank; or one torch file for the plain engine);
+- ``policy/``: the policy at this boundary as a Hugging Face model directory (rank 0), so a separate
+  process can load it with ``from_pretrained``;
+- ``rng/rank<r>.pt``: each rank's RNG states;
+- ``reference_next.json``: the reference log-probs of the next mini-batch, computed by this policy;
+- ``tso_state.json``: boundary index, optimizer step, stage, and what the run was (pairs digest, K,
+  world size, config hash), so a resume with different inputs is refused instead of mixed.
+Every rank writes its own files into its own directory; Ray Train merges them into one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tso.train import dist
+from tso.train.engine import Engine
+from tso.train.export import atomic_write_text, save_hf_model
+from tso.train.reference import RefLogps
+
+STATE_FILE = "tso_state.json"
+REFERENCE_FILE = "reference_next.json"
+
+
+@dataclass
+class ResumeState:
+    boundary: int  # mini-batches finished
+    step: int  # optimizer steps taken
+    stage: int
+    reference: RefLogps | None  # for mini-batch boundary + 1 (None in frozen-copy mode or at the end)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_boundary(engine: Engine, path: str | Path, *, boundary: int, step: int, stage: int,
+                  next_reference: RefLogps | None, meta: dict[str, Any], tokenizer=None) -> Path:
+    """Collective: every rank calls it with its own ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    engine.save(path / "engine")
+    (path / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), path / "rng" / f"rank{dist.rank()}.pt")
+    weights = engine.full_state_dict()  # a collective under ZeRO-3
+    if dist.rank() == 0:
+        save_hf_model(engine.module, path / "policy", tokenizer, state_dict=weights)
+        if next_reference is not None:
+            ids = sorted(next_reference)
+            atomic_write_text(path / REFERENCE_FILE, json.dumps({
+                "minibatch": boundary + 1, "ids": ids,
+                "chosen": [next_reference[i][0] for i in ids], "rejected": [next_reference[i][1] for i in ids],
+            }))
+        atomic_write_text(path / STATE_FILE, json.dumps(
+            {"boundary": boundary, "step": step, "stage": stage, "world_size": dist.world_size(), **meta},
+            indent=2, sort_keys=True))
+    dist.barrier()
+    return path
+
+
+def read_reference(path: str | Path) -> tuple[int, RefLogps] | None:
+    f = Path(path) / REFERENCE_FILE
+    if not f.is_file():
+        return None
+    d = json.loads(f.read_text())
+    return d["minibatch"], {i: (c, r) for i, c, r in zip(d["ids"], d["chosen"], d["rejected"])}
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / STATE_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: not a tso boundary checkpoint (no {STATE_FILE})")
+    return json.loads(f.read_text())
+
+
+def load_boundary(engine: Engine, path: str | Path, expect: dict[str, Any]) -> ResumeState:
+    """Restore engine and RNG state from a boundary checkpoint, after checking it belongs to this run."""
+    path = Path(path)
+    state = read_state(path)
+    expect = {**expect, "world_size": dist.world_size()}
+    wrong = {k: (state.get(k), v) for k, v in expect.items() if state.get(k) != v}
+    if wrong:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in wrong.items())
+        raise ValueError(f"{path}: checkpoint is from a different run ({details}); use a new output directory")
+    engine.load(path / "engine")
+    rng_file = path / "rng" / f"rank{dist.rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    ref = read_reference(path)
+    reference = ref[1] if ref and ref[0] == state["boundary"] + 1 else None
+    return ResumeState(boundary=state["boundary"], step=state["step"], stage=state["stage"], reference=reference,
+                       meta=state)

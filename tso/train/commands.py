@@ -1,0 +1,110 @@
+"""`tso train`, `tso train-judge`, `tso plot`: thin argument parsing over tso.train."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one stage: mini-batch iterative DPO with the reference hot-swap")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("--pairs", required=True, help="pairs Parquet file (id, prompt, chosen, rejected)")
+    p.add_argument("--out", help="output directory (default <run_dir>/train/stage<N>)")
+    p.add_argument("--base", help="model to start from (default: the matrix's base entry)")
+    p.add_argument("--stage", type=int, default=1, help="stage number (seeds, lineage); default 1")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (one worker)")
+    p.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
+    p.set_defaults(func=_train)
+
+    j = sub.add_parser("train-judge", help="fine-tune the base into the judge on feedback examples")
+    j.add_argument("config", help="run config YAML")
+    j.add_argument("--feedback", help="feedback JSONL (default judge.feedback)")
+    j.add_argument("--out", help="judge model directory (default judge.path or <run_dir>/judge)")
+    j.add_argument("--base", help="model to fine-tune (default: the matrix's base entry)")
+    j.add_argument("--local", action="store_true", help="run in this process without Ray (one worker)")
+    j.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed")
+    j.add_argument("--max-failures", type=int, default=2)
+    j.set_defaults(func=_train_judge)
+
+    pl = sub.add_parser("plot", help="draw rewards, margin and gradient scale from a training metrics JSONL")
+    pl.add_argument("metrics", help="metrics.jsonl written by `tso train`")
+    pl.add_argument("--out", help="PNG path (default: next to the metrics file)")
+    pl.set_defaults(func=_plot)
+
+
+def _fail(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _train(args) -> int:
+    from tso.config import load_config
+    from tso.train.ray_trainer import base_model_path, default_policy_out, preflight_policy, train_policy
+    from tso.train.stage import PolicyJob, train_policy_local
+
+    cfg = load_config(args.config)
+    try:
+        if args.local:
+            base, name = (args.base, None) if args.base else base_model_path(cfg)
+            out = Path(args.out or default_policy_out(cfg, args.stage)).absolute()
+            preflight_policy(cfg.train, args.pairs, base, args.stage)
+            job = PolicyJob(train=cfg.train.model_dump(mode="json"), pairs_path=str(Path(args.pairs).absolute()),
+                            base_path=str(Path(base).absolute()), out_dir=str(out), stage=args.stage, base_name=name,
+                            config_hash=cfg.config_hash(), engine=args.engine)
+            result = train_policy_local(job)
+        else:
+            result = train_policy(cfg, args.pairs, args.base, args.out, args.stage, engine=args.engine,
+                                  max_failures=args.max_failures)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(e)
+    s = result.summary
+    print(f"policy:  {result.policy_dir}")
+    print(f"metrics: {result.metrics_path}")
+    print(f"plot:    {result.plot_path}")
+    print(f"{s['steps']} steps, {s['pairs_trained']} pairs trained, {s['pairs_per_s']:.1f} pairs/s "
+          f"(reference passes included), {len(s['tokenize']['too_long'])} pairs too long left out")
+    return 0
+
+
+def _train_judge(args) -> int:
+    from tso.config import load_config
+    from tso.train.judge_sft import JudgeJob, judge_train_config, train_judge_local
+    from tso.train.ray_trainer import base_model_path, default_judge_out, train_judge
+
+    cfg = load_config(args.config)
+    try:
+        if args.local:
+            feedback = args.feedback or cfg.judge.feedback
+            if not feedback:
+                raise ValueError("no feedback file: pass --feedback or set judge.feedback in the config")
+            base, name = (args.base, None) if args.base else base_model_path(cfg)
+            out = Path(args.out or default_judge_out(cfg)).absolute()
+            job = JudgeJob(train=judge_train_config(cfg).model_dump(mode="json"),
+                           feedback_path=str(Path(feedback).absolute()), base_path=str(Path(base).absolute()),
+                           out_dir=str(out), work_dir=str(out.with_name(out.name + "_train")),
+                           config_hash=cfg.config_hash(), base_name=name, max_examples=cfg.judge.train.max_examples,
+                           engine=args.engine)
+            summary = train_judge_local(job)
+        else:
+            summary = train_judge(cfg, args.feedback, args.out, args.base, engine=args.engine,
+                                  max_failures=args.max_failures)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(e)
+    print(f"judge:   {summary['judge_dir']}")
+    print(f"metrics: {summary['metrics']}")
+    print(f"loss:    {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over {summary['steps']} steps")
+    return 0
+
+
+def _plot(args) -> int:
+    from tso.train.plots import plot_training
+
+    try:
+        path = plot_training(args.metrics, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(e)
+    print(path)
+    return 0

@@ -1,0 +1,225 @@
+"""Preference pairs for training: read, tokenize, split into mini-batches, shard over workers.
+
+Everything here is deterministic and independent of the number of workers: pairs are sorted by id
+before any seeded shuffle, the K mini-batches and each epoch's order come from seeds keyed by
+(seed, stage, mini-batch, epoch), and a worker's share of an optimizer step is a contiguous slice of
+that step's global batch. Nothing is truncated: a pair longer than ``max_length`` is reported
+(count and ids) and left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tso.method.logprobs import SequenceBatch, collate_pairs, collate_sequences
+
+REQUIRED_PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    id: str
+    prompt: list[int]
+    chosen: list[int]  # response ids + EOS
+    rejected: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the two rows this pair becomes (prompt counted once per row)."""
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+
+@dataclass
+class TokenizeReport:
+    """What was left out and why. ``too_long`` lists ids, ``invalid`` (id or row, reason)."""
+
+    total: int = 0
+    kept: int = 0
+    too_long: list[str] = field(default_factory=list)
+    invalid: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.kept}/{self.total} pairs kept"]
+        if self.too_long:
+            head = ", ".join(self.too_long[:5]) + (" ..." if len(self.too_long) > 5 else "")
+            parts.append(f"{len(self.too_long)} longer than max_length left out (ids: {head})")
+        if self.invalid:
+            head = ", ".join(f"{i} ({r})" for i, r in self.invalid[:5]) + (" ..." if len(self.invalid) > 5 else "")
+            parts.append(f"{len(self.invalid)} invalid rows left out: {head}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "kept": self.kept, "too_long": list(self.too_long),
+                "invalid": [list(x) for x in self.invalid]}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_pairs(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a pairs Parquet file (id, prompt, chosen, rejected; other columns are kept but unused)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such pairs file")
+    table = pq.read_table(path)
+    missing = [c for c in REQUIRED_PAIR_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: pairs file lacks column(s) {missing} (has {table.column_names})")
+    return table.select(list(REQUIRED_PAIR_COLUMNS)).to_pylist()
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def _ids(out) -> list[int]:
+    if isinstance(out, dict) or hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[dict]) -> list[int]:
+    """A string becomes one user turn; a list of {role, content} messages is a chat. Both go through the
+    tokenizer's chat template (with the generation prompt) when it has one."""
+    messages = None
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    else:
+        raise TypeError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    if getattr(tokenizer, "chat_template", None):
+        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    if len(messages) != 1:
+        raise ValueError("a chat prompt needs a tokenizer with a chat template")
+    return _ids(tokenizer(messages[0]["content"], add_special_tokens=True).input_ids)
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Response tokens plus EOS: the EOS is part of the loss, so the policy learns where to stop."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; responses must end with EOS")
+    return _ids(tokenizer(text, add_special_tokens=False).input_ids) + [int(tokenizer.eos_token_id)]
+
+
+def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int) -> tuple[list[TokenizedPair], TokenizeReport]:
+    """Tokenize rows, sorted by id. Over-long pairs and malformed rows are reported, never truncated."""
+    report = TokenizeReport(total=len(rows))
+    seen: set[str] = set()
+    out: list[TokenizedPair] = []
+    for i, row in enumerate(rows):
+        pid = row.get("id")
+        label = str(pid) if pid is not None else f"row {i}"
+        if pid is None or not isinstance(pid, str) or not pid:
+            report.invalid.append((label, "id must be a non-empty string"))
+            continue
+        if pid in seen:
+            report.invalid.append((label, "duplicate id"))
+            continue
+        bad = [c for c in ("chosen", "rejected") if not isinstance(row.get(c), str)]
+        if bad or row.get("prompt") is None:
+            report.invalid.append((label, f"missing or non-string {bad or ['prompt']}"))
+            continue
+        try:
+            prompt = encode_prompt(tokenizer, row["prompt"])
+        except (TypeError, ValueError, KeyError) as e:
+            report.invalid.append((label, f"prompt: {e}"))
+            continue
+        if not prompt:
+            report.invalid.append((label, "prompt has no tokens"))
+            continue
+        chosen, rejected = encode_response(tokenizer, row["chosen"]), encode_response(tokenizer, row["rejected"])
+        seen.add(pid)
+        if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+            report.too_long.append(pid)
+            continue
+        out.append(TokenizedPair(pid, prompt, chosen, rejected))
+    out.sort(key=lambda p: p.id)
+    report.kept = len(out)
+    return out, report
+
+
+# ----------------------------------------------------------------------------- ordering and sharding
+
+
+def seeded_rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]))
+
+
+def split_minibatches(n: int, k: int, seed: int, stage: int = 0) -> list[list[int]]:
+    """Seeded shuffle of ``n`` id-sorted items, split into ``k`` mini-batches whose sizes differ by at most
+    one. Returns index lists into the id-sorted list."""
+    if k < 1:
+        raise ValueError(f"minibatches must be >= 1, got {k}")
+    if n < k:
+        raise ValueError(f"{n} pairs cannot be split into {k} mini-batches")
+    perm = seeded_rng(seed, stage, 0x5EED).permutation(n)
+    return [part.tolist() for part in np.array_split(perm, k)]
+
+
+def epoch_steps(minibatch: Sequence[int], global_batch: int, seed: int, stage: int, k: int,
+                epoch: int) -> tuple[list[list[int]], int]:
+    """One epoch over a mini-batch: a seeded order cut into full optimizer steps of ``global_batch``.
+    Returns (steps, dropped): the remainder of the epoch (fewer than one step) is left out; it differs
+    from epoch to epoch because the order does."""
+    n = len(minibatch)
+    if n < global_batch:
+        raise ValueError(
+            f"mini-batch {k + 1} has {n} pairs, fewer than one optimizer step (global_batch={global_batch}); "
+            "lower train.global_batch or train.minibatches, or bring more pairs"
+        )
+    order = seeded_rng(seed, stage, k + 1, epoch + 1).permutation(n)
+    items = [minibatch[i] for i in order]
+    steps = n // global_batch
+    return [items[s * global_batch : (s + 1) * global_batch] for s in range(steps)], n - steps * global_batch
+
+
+def shard(step: Sequence[int], rank: int, world: int) -> list[int]:
+    """This worker's contiguous slice of one optimizer step's global batch."""
+    if len(step) % world:
+        raise ValueError(f"a step of {len(step)} pairs cannot be split evenly over {world} workers")
+    per = len(step) // world
+    return list(step[rank * per : (rank + 1) * per])
+
+
+def chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def steps_in_stage(sizes: Sequence[int], global_batch: int, epochs: int) -> int:
+    return sum(epochs * (n // global_batch) for n in sizes)
+
+
+def length_sorted_chunks(pairs: Sequence[TokenizedPair], indices: Sequence[int], size: int) -> list[list[int]]:
+    """Batches of similar length (less padding) for the no-grad reference pass."""
+    order = sorted(indices, key=lambda i: (pairs[i].num_tokens, pairs[i].id))
+    return chunks(order, size)
+
+
+def collate_pair_batch(pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int,
+                       pad_to_multiple_of: int | None = None) -> SequenceBatch:
+    sel = [pairs[i] for i in indices]
+    return collate_pairs([p.prompt for p in sel], [p.chosen for p in sel], [p.rejected for p in sel], pad_id,
+                         "right", pad_to_multiple_of)
+
+
+def collate_sft_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
+    return collate_sequences([p for p, _ in examples], [a for _, a in examples], pad_id, "right")
+
+
+def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
+    """Identifies a training set (ids and token counts) so a resume cannot mix up two pair files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(f"{p.id}\t{len(p.prompt)}\t{len(p.chosen)}\t{len(p.rejected)}\n".encode())
+    return h.hexdigest()[:16]
+
+

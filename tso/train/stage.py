@@ -1,0 +1,196 @@
+"""One stage of policy training as one worker runs it, with or without Ray.
+
+``run_policy_worker`` loads the base model and the pairs, builds the engine, resumes from a boundary
+checkpoint when given one, runs the mini-batch loop and, on rank 0, writes the new policy version
+(an HF model directory with ``lineage.json``), the plot and a summary. The Ray Train wrapper
+(``ray_trainer.py``) and the in-process runner (``train_policy_local``) both call it; only the
+``report`` callback and where the resume checkpoint comes from differ.
+
+Output layout of ``out_dir``:
+    policy/            the trained policy (save_pretrained + tokenizer + lineage.json)
+    metrics.jsonl      per-step / reference / boundary / summary records (tso.train.metrics)
+    training.png       rewards, margin, gradient scale over steps with mini-batch boundaries
+    rejects.json       pairs left out (too long for train.max_length, malformed), with ids
+    summary.json       what was trained, how fast, where everything is
+    checkpoints/       boundary checkpoints (the in-process runner; Ray keeps them under ray/)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tso.config import TrainConfig
+from tso.train import dist
+from tso.train.checkpoint import load_boundary
+from tso.train.data import read_pairs, tokenize_pairs
+from tso.train.engine import make_engine
+from tso.train.export import atomic_write_text, lineage_record, replace_dir, save_hf_model
+from tso.train.metrics import MetricsLog
+from tso.train.minibatch import checkpoint_meta, make_frozen_copy, plan_stage, run_minibatch_dpo
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "training.png"
+POLICY_DIR = "policy"
+
+
+@dataclass
+class PolicyJob:
+    """Everything a worker needs (picklable: it travels to Ray Train workers as train_loop_config)."""
+
+    train: dict[str, Any]  # TrainConfig.model_dump()
+    pairs_path: str
+    base_path: str
+    out_dir: str
+    stage: int = 1
+    base_name: str | None = None
+    config_hash: str | None = None
+    engine: str = "deepspeed"
+    threads: int | None = None
+    fault: dict[str, Any] | None = None  # tests only: kill a worker at a step (ray_trainer)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.train)
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    policy_dir: str
+    metrics_path: str
+    plot_path: str | None
+    summary: dict[str, Any] = field(default_factory=dict)
+    checkpoints: list[str] = field(default_factory=list)
+
+
+def device_for(train: TrainConfig) -> torch.device:
+    if train.use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.use_gpu is set but no CUDA device is visible")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def load_model_and_tokenizer(path: str, train: TrainConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no Hugging Face model directory (config.json missing)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.to(device_for(train))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if train.compile:
+        model.get_decoder().compile(dynamic=True)
+    return model, tokenizer
+
+
+def run_policy_worker(job: PolicyJob, report=None, resume_dir: str | Path | None = None,
+                      log: Callable[[str], None] | None = print, checkpoints: bool = True) -> dict[str, Any] | None:
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    train = job.train_config
+    out = Path(job.out_dir)
+    rank = dist.rank()
+    model, tokenizer = load_model_and_tokenizer(job.base_path, train)
+    pairs, rep = tokenize_pairs(read_pairs(job.pairs_path), tokenizer, train.max_length)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "rejects.json", json.dumps(rep.to_dict(), indent=2))
+        if log:
+            log(f"[stage {job.stage}] {job.pairs_path}: {rep.summary()}")
+    if not pairs:
+        raise ValueError(f"{job.pairs_path}: no trainable pairs ({rep.summary()})")
+    plan = plan_stage(len(pairs), train, job.stage)
+    ref_module = make_frozen_copy(model) if train.reference == "frozen_copy" else None
+    engine = make_engine(job.engine, model, train, plan.total_steps)
+    resume = None
+    if resume_dir is not None:
+        resume = load_boundary(engine, resume_dir, checkpoint_meta(pairs, train, job.stage))
+    metrics = MetricsLog(out / METRICS_FILE, enabled=rank == 0)
+    res = run_minibatch_dpo(engine, pairs, train, pad_id=tokenizer.pad_token_id, stage=job.stage, plan=plan,
+                            report=report, resume=resume, ref_module=ref_module, metrics=metrics,
+                            tokenizer=tokenizer, checkpoints=checkpoints, log=log)
+    weights = engine.full_state_dict()
+    if rank != 0:
+        dist.barrier()
+        return None
+    lineage = lineage_record(
+        base=job.base_path, stage=job.stage, kind="policy", data=job.pairs_path, config_hash=job.config_hash,
+        base_name=job.base_name, loss=train.loss.type, minibatches=train.minibatches, epochs=train.epochs,
+        reference=train.reference, steps=res.steps, pairs=len(pairs), seed=train.seed,
+        world_size=dist.world_size(), engine=job.engine,
+    )
+    policy_dir = save_hf_model(engine.module, out / POLICY_DIR, tokenizer, state_dict=weights, lineage=lineage)
+    plot_path = None
+    try:
+        from tso.train.plots import plot_training
+
+        plot_path = str(plot_training(out / METRICS_FILE, out / PLOT_FILE, title=f"stage {job.stage}"))
+    except Exception as e:  # a plot must never cost the trained model
+        if log:
+            log(f"[stage {job.stage}] plot failed: {e!r}")
+    summary = {"kind": "summary", "stage": job.stage, "policy_dir": str(policy_dir), "plot": plot_path,
+               "metrics": str(out / METRICS_FILE), "pairs": len(pairs), "tokenize": rep.to_dict(),
+               "minibatch_sizes": [len(m) for m in plan.minibatches], "steps_per_epoch": plan.steps_per_epoch,
+               **res.to_dict()}
+    metrics.write({k: v for k, v in summary.items() if k not in ("tokenize", "boundaries", "last_step")})
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    dist.barrier()
+    return summary
+
+
+# ----------------------------------------------------------------------------- in-process runner
+
+
+class LocalCheckpoints:
+    """The in-process ``report``: keeps each boundary checkpoint under ``out_dir/checkpoints``."""
+
+    def __init__(self, root: Path, log=None):
+        self.root, self.log, self.saved = root, log, []
+
+    def __call__(self, metrics: dict[str, Any], ckpt_dir: str | None) -> None:
+        if ckpt_dir is None:
+            return
+        final = self.root / f"stage{metrics['stage']}_boundary_{metrics['boundary']:02d}"
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ckpt_dir, tmp)
+        replace_dir(tmp, final)
+        self.saved.append(str(final))
+
+    def latest(self, stage: int) -> Path | None:
+        found = sorted(self.root.glob(f"stage{stage}_boundary_*"))
+        return found[-1] if found else None
+
+
+def train_policy_local(job: PolicyJob, resume: bool = True, log: Callable[[str], None] | None = print,
+                       checkpoints: bool = True) -> TrainResult:
+    """Run a stage in this process (one worker; DeepSpeed or plain torch), resuming from the latest
+    boundary checkpoint in ``out_dir/checkpoints`` when there is one."""
+    out = Path(job.out_dir)
+    store = LocalCheckpoints(out / "checkpoints", log)
+    latest = store.latest(job.stage) if resume else None
+    summary = run_policy_worker(job, report=store, resume_dir=latest, log=log, checkpoints=checkpoints)
+    return TrainResult(str(out), summary["policy_dir"], summary["metrics"], summary["plot"], summary, store.saved)
+
+
+def result_from_dir(out_dir: str | Path, checkpoints: list[str] | None = None) -> TrainResult:
+    out = Path(out_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    return TrainResult(str(out), summary["policy_dir"], summary["metrics"], summary["plot"], summary, checkpoints or [])
+
+
+def as_dict(result: TrainResult) -> dict[str, Any]:
+    return asdict(result)
