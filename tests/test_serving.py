@@ -1,0 +1,349 @@
+"""The Serve stack end to end: real local Ray cluster, real Serve deployments, real HTTP, tiny models.
+
+One app is deployed for the module (about half a minute on 2 cores); the tests then exercise it in
+order: the CLI redeploy (a no-op), the REST endpoints, batching, seeds, every bad input, hot-swaps
+of the policy and the judge (reconfigure, no restart), the handle API and bearer-token auth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import httpx
+import pytest
+
+from tests.test_engines import JUDGE_ANSWERS, JUDGE_RUBRICS, train_tiny_judge
+from tso.config import EngineConfig, dump_config, parse_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+PORT = 18161
+APP = "tso-test"
+TOKEN_ENV = "TSO_TEST_SERVING_TOKEN"
+URL = f"http://127.0.0.1:{PORT}"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
+    from tso.zoo.tiny import random_tiny_llama, save_model_dir
+
+    root = tmp_path_factory.mktemp("serving-models")
+    dirs = {"old": str(tiny_model_dir)}
+    for name, seed in (("base", 1), ("stage1", 2)):
+        dirs[name] = str(save_model_dir(random_tiny_llama(tiny_tokenizer, seed=seed), tiny_tokenizer, root / name))
+    dirs["judge"] = str(train_tiny_judge(tmp_path_factory.mktemp("judge"), tiny_tokenizer))
+    return dirs
+
+
+def _engine(**kw) -> dict:
+    return {"kind": "transformers", "torch_threads": 1, "max_batch_size": 16, "batch_wait_timeout_s": 0.05, **kw}
+
+
+@pytest.fixture(scope="module")
+def cfg(model_dirs, tmp_path_factory):
+    res = {"num_cpus": 0.25, "max_ongoing_requests": 32}
+    return parse_config({
+        "run_dir": str(tmp_path_factory.mktemp("run")),
+        "matrix": {"base": "base", "models": [
+            {"name": "old", "path": model_dirs["old"], "version": 0, "size": 1, "engine": _engine(), "resources": res},
+            {"name": "base", "path": model_dirs["base"], "version": 1, "size": 1, "engine": _engine(), "resources": res},
+        ]},
+        "judge": {"rubrics": JUDGE_RUBRICS, "dimensions": ["correctness", "conciseness"],
+                  "engine": _engine(), "resources": res},
+        "serve": {"host": "127.0.0.1", "port": PORT, "app_name": APP, "auth_token_env": TOKEN_ENV,
+                  "max_body_bytes": 20_000, "max_field_chars": 2000, "max_batch_items": 4},
+    })
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, cfg):
+    from ray import serve
+
+    from tso.serving.app import deploy
+
+    os.environ.pop(TOKEN_ENV, None)
+    serve.shutdown()  # Serve's HTTP port is fixed once started: start it on this module's port
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    deploy(cfg, port=PORT)
+    yield cfg
+    serve.delete(APP)
+    serve.shutdown()
+
+
+@pytest.fixture()
+def client(app):
+    with httpx.Client(base_url=URL, timeout=120) as c:
+        yield c
+
+
+def handle(name: str):
+    from ray import serve
+
+    return serve.get_deployment_handle(name, APP)
+
+
+def replicas(cfg) -> dict[str, str]:
+    """Replica id per deployment: unchanged ids mean nothing was restarted."""
+    from tso.serving.app import deployment_names
+
+    return {n: handle(n).info.remote().result()["replica"] for n in deployment_names(cfg)}
+
+
+def local_text(path: str, prompt, **params) -> list[str]:
+    from tso.engines import SamplingParams
+    from tso.engines.hf import HFEngine
+
+    eng = HFEngine(path, EngineConfig(kind="transformers"))
+    return eng.generate([prompt], [SamplingParams(**params)])[0].texts
+
+
+# ----------------------------------------------------------------------------- deploy
+
+
+def test_cli_redeploy_of_the_same_config_restarts_nothing(app, cfg, tmp_path):
+    from tso.cli import main
+
+    before = replicas(cfg)
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_config(cfg))
+    assert main(["serve", str(path), "--port", str(PORT)]) == 0
+    assert replicas(cfg) == before
+
+
+def test_models_lists_every_deployment(client, model_dirs):
+    body = client.get("/v1/models").json()
+    by_name = {m["name"]: m for m in body["models"]}
+    assert set(by_name) == {"old", "base", "policy", "judge"}
+    assert by_name["old"]["role"] == "negative" and by_name["old"]["version"] == 0
+    assert by_name["base"]["role"] == "base" and by_name["base"]["version"] == 1 and by_name["base"]["size"] == 1
+    assert by_name["policy"]["role"] == "policy" and by_name["policy"]["checkpoint"] == model_dirs["base"]
+    judge = by_name["judge"]
+    assert judge["uncorrected"] is True and judge["checkpoint"] == model_dirs["base"]  # no judge.path: the base
+    assert judge["dimensions"] == ["correctness", "conciseness"]
+    assert all(m["max_context"] == 1024 and m["engine"] == "transformers" for m in body["models"])
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/docs").status_code == 200
+    assert {"/v1/score", "/v1/score/batch", "/v1/generate", "/v1/models"} <= set(client.get("/openapi.json").json()["paths"])
+
+
+def test_generate_round_trip(client, model_dirs, tiny_tokenizer):
+    req = {"model": "base", "prompt": "What is 3 + 4?", "n": 2, "temperature": 0.9, "top_p": 0.95, "seed": 21,
+           "max_new_tokens": 12}
+    r = client.post("/v1/generate", json=req)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model"] == "base" and out["checkpoint"] == model_dirs["base"]
+    assert len(out["texts"]) == 2 and out["texts"][0] != out["texts"][1]
+    assert all(1 <= n <= 12 for n in out["num_tokens"]) and set(out["finish_reasons"]) <= {"stop", "length"}
+    assert out["seeds"][0] == 21 and out["prompt_tokens"] == len("What is 3 + 4?")
+    # the same text as the same model and seed in this process: reproducible across processes
+    assert out["texts"] == local_text(model_dirs["base"], req["prompt"], n=2, temperature=0.9, top_p=0.95, seed=21,
+                                      max_new_tokens=12)
+    assert client.post("/v1/generate", json=req).json()["texts"] == out["texts"]
+    other = client.post("/v1/generate", json={**req, "model": "old"}).json()
+    assert other["model"] == "old" and other["texts"] != out["texts"]
+    chat = [{"role": "user", "content": "hi ✓"}]
+    r = client.post("/v1/generate", json={"model": "policy", "prompt": chat, "temperature": 0, "max_new_tokens": 5})
+    rendered = tiny_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert r.status_code == 200 and r.json()["prompt_tokens"] == len(tiny_tokenizer(rendered)["input_ids"]) == 8
+
+
+def test_uncorrected_random_judge_is_unscored_with_reason(client):
+    r = client.post("/v1/score", json={"prompt": "2+2?", "response": "4"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["score"] is None and out["reason"] == "no_score" and out["dimension"] == "mean"
+    assert [d["dimension"] for d in out["dimensions"]] == ["correctness", "conciseness"]
+    assert all(d["score"] is None and d["reason"] == "no_score" and d["raw"] for d in out["dimensions"])
+
+
+def test_batching_batches_and_seeds_ignore_batch_companions(app, cfg):
+    target = {"model": "base", "prompt": "seeded prompt", "temperature": 1.0, "top_p": 0.9, "seed": 77,
+              "max_new_tokens": 16}
+    with httpx.Client(base_url=URL, timeout=120) as c:
+        alone = c.post("/v1/generate", json=target).json()["texts"]
+    handle("model-base").stats.remote(reset=True).result()
+
+    async def burst():
+        reqs = [{"model": "base", "prompt": f"companion {i} " * (i % 5 + 1), "temperature": 0.5 + (i % 3) / 2,
+                 "seed": i, "max_new_tokens": 4 + 3 * (i % 7), "n": 1 + i % 2} for i in range(23)]
+        reqs.insert(11, target)
+        async with httpx.AsyncClient(base_url=URL, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/generate", json=r) for r in reqs))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 24
+    assert responses[11].json()["texts"] == alone
+    stats = handle("model-base").stats.remote().result()
+    assert stats["requests"] == 24 and stats["max_batch_requests"] > 1, stats
+    assert stats["batches"] < 24
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _detail(r: httpx.Response):
+    return r.json()["detail"]
+
+
+def test_bad_inputs_get_4xx_with_reasons_and_break_nothing(client, cfg):
+    before = replicas(cfg)
+    post = client.post
+    # size limits: 413 with the limit
+    r = post("/v1/score", content=b'{"prompt": "' + b"x" * 30_000 + b'", "response": "y"}',
+             headers={"content-type": "application/json"})
+    assert r.status_code == 413 and _detail(r)["limit_bytes"] == 20_000
+
+    def chunks():
+        for _ in range(30):
+            yield b"x" * 1000
+
+    r = post("/v1/score", content=chunks(), headers={"content-type": "application/json"})  # no Content-Length
+    assert r.status_code == 413 and _detail(r)["error"] == "body_too_large"
+    r = post("/v1/generate", json={"model": "base", "prompt": "p" * 2001})
+    assert r.status_code == 413 and _detail(r) | {"length": 2001, "limit": 2000, "field": "prompt"} == _detail(r)
+    r = post("/v1/score", json={"prompt": "q", "response": "r" * 2001})
+    assert r.status_code == 413 and _detail(r)["field"] == "response" and _detail(r)["limit"] == 2000
+    r = post("/v1/score/batch", json={"items": [{"prompt": "q", "response": "a"}] * 5})
+    assert r.status_code == 413 and _detail(r)["limit"] == 4
+    # longer than the context (1024 tokens) but within the field limit: 413 with the model's limit
+    r = post("/v1/generate", json={"model": "base", "prompt": "p" * 1500})
+    assert r.status_code == 413, r.text
+    assert _detail(r)["error"] == "prompt_too_long" and _detail(r)["limit"] == 1024 and _detail(r)["prompt_tokens"] == 1500
+    r = post("/v1/score", json={"prompt": "q" * 900, "response": "a" * 900})
+    assert r.status_code == 413 and _detail(r)["limit"] == 1024
+    r = post("/v1/score/batch", json={"items": [{"prompt": "q", "response": "a"}, {"prompt": "q" * 900, "response": "a" * 900}]})
+    assert r.status_code == 413 and _detail(r)["message"].startswith("items[1]")
+    # out of range, malformed, unknown: 422
+    for body in ({"model": "base", "prompt": "p", "temperature": 9}, {"model": "base", "prompt": "p", "n": 0},
+                 {"model": "base", "prompt": "p", "top_p": 0}, {"model": "base", "prompt": "p", "max_new_tokens": 10**6},
+                 {"model": "base", "prompt": "p", "seed": -1}, {"model": "base", "prompt": "p", "n": 65},
+                 {"model": "base", "prompt": "p", "max_tokens": 3}, {"model": "base", "prompt": 7},
+                 {"model": "base", "prompt": [{"role": "wizard", "content": "x"}]}, {"model": "base", "prompt": []},
+                 {"model": "base"}, {"prompt": "p"}):
+        r = post("/v1/generate", json=body)
+        assert r.status_code == 422, (body, r.status_code, r.text)
+    r = post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert post("/v1/score", json={"prompt": "q"}).status_code == 422
+    assert post("/v1/score/batch", json={"items": []}).status_code == 422
+    r = post("/v1/score", json={"prompt": "q", "response": "a", "dimension": "style"})
+    assert r.status_code == 422 and "unknown dimension" in _detail(r)["message"]
+    # unknown model: 404 naming what exists
+    r = post("/v1/generate", json={"model": "gpt-9", "prompt": "p"})
+    assert r.status_code == 404 and set(_detail(r)["models"]) == {"old", "base", "policy"}
+    assert client.get("/v1/score").status_code == 405
+    # nothing crashed or restarted, and good requests still work
+    assert replicas(cfg) == before
+    assert post("/v1/generate", json={"model": "base", "prompt": "ok", "max_new_tokens": 3}).status_code == 200
+
+
+def test_handle_api_including_streams_and_errors(app, model_dirs):
+    from tso.engines import EngineInputError, PromptTooLongError
+
+    out = handle("model-old").generate.remote({"prompt": "hi", "seed": 5, "max_new_tokens": 6,
+                                               "temperature": 1.0}).result()
+    assert out["model"] == "old" and out["checkpoint"] == model_dirs["old"] and len(out["texts"]) == 1
+    stream = handle("model-old").options(stream=True).generate_stream.remote(
+        {"prompt": "hi", "seed": 5, "max_new_tokens": 6, "temperature": 1.0, "request_id": "0", "idx_in_batch": 0})
+    assert list(stream) == [out]
+    info = handle("policy").info.remote().result()
+    assert {"name", "version", "size", "role", "checkpoint"} <= set(info) and info["role"] == "policy"
+    with pytest.raises(EngineInputError):
+        handle("model-old").generate.remote({"prompt": "hi", "temperature": -1}).result()
+    with pytest.raises(PromptTooLongError) as err:
+        handle("judge").score.remote({"prompt": "q" * 2000, "response": "a"}).result()
+    assert err.value.limit == 1024
+
+
+# ----------------------------------------------------------------------------- hot-swap
+
+
+def test_policy_hot_swap_under_load(app, cfg, model_dirs):
+    from tso.serving.app import swap_checkpoint
+
+    before = replicas(cfg)
+    req = {"model": "policy", "prompt": "stage prompt", "temperature": 0.8, "top_p": 1.0, "seed": 5, "max_new_tokens": 10}
+    swapped = threading.Event()
+
+    async def load():
+        results = []
+        async with httpx.AsyncClient(base_url=URL, timeout=120) as c:
+            async def worker():
+                after = 0
+                while after < 3:  # keep going until three answers after the swap returned
+                    r = await c.post("/v1/generate", json=req)
+                    results.append((r.status_code, r.json()))
+                    after += swapped.is_set()
+            await asyncio.gather(*(worker() for _ in range(4)))
+        return results
+
+    def swap():
+        swap_checkpoint(cfg, model_dirs["stage1"])
+        swapped.set()
+
+    t = threading.Thread(target=swap)
+    t.start()
+    results = asyncio.run(load())
+    t.join()
+    assert all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
+    seen = [body["checkpoint"] for _, body in results]
+    assert seen[0] == model_dirs["base"] and seen[-1] == model_dirs["stage1"]
+    old_text = local_text(model_dirs["base"], req["prompt"], temperature=0.8, seed=5, max_new_tokens=10)
+    new_text = local_text(model_dirs["stage1"], req["prompt"], temperature=0.8, seed=5, max_new_tokens=10)
+    assert old_text != new_text
+    for _, body in results:  # every answer is the text of the checkpoint it reports
+        assert body["texts"] == (new_text if body["checkpoint"] == model_dirs["stage1"] else old_text)
+    assert replicas(cfg) == before  # reconfigured in place: no replica restarted
+    models = {m["name"]: m for m in httpx.get(f"{URL}/v1/models").json()["models"]}
+    assert models["policy"]["checkpoint"] == model_dirs["stage1"]
+    assert models["base"]["checkpoint"] == model_dirs["base"]
+
+
+def test_trained_judge_swapped_in_scores_parse(app, cfg, model_dirs, client):
+    from tso.serving.app import swap_checkpoint
+
+    swap_checkpoint(cfg, model_dirs["judge"], deployment="judge")
+    r = client.post("/v1/score", json={"prompt": "What is 2+2?", "response": "4"})
+    out = r.json()
+    assert out["checkpoint"] == model_dirs["judge"]
+    assert [(d["dimension"], d["score"]) for d in out["dimensions"]] == [("correctness", 7.0), ("conciseness", 3.0)]
+    assert out["score"] == pytest.approx(5.0) and out["reason"] is None
+    one = client.post("/v1/score", json={"prompt": [{"role": "user", "content": "2+2?"}], "response": "4",
+                                         "dimension": "conciseness"}).json()
+    assert one["score"] == 3.0 and one["evidence"] == "short" and one["raw"] == JUDGE_ANSWERS["conciseness"]
+    batch = client.post("/v1/score/batch", json={"items": [{"prompt": "a", "response": "b", "dimension": "correctness"},
+                                                           {"prompt": "c", "response": "d"}]}).json()["results"]
+    assert [b["score"] for b in batch] == [7.0, pytest.approx(5.0)]
+    stream = handle("judge").options(stream=True).score_stream.remote({"prompt": "a", "response": "b"})
+    assert [s["score"] for s in stream] == [pytest.approx(5.0)]
+    judge = {m["name"]: m for m in client.get("/v1/models").json()["models"]}["judge"]
+    assert judge["uncorrected"] is False and judge["checkpoint"] == model_dirs["judge"]
+
+
+# ----------------------------------------------------------------------------- auth
+
+
+def test_bearer_token_auth_on_and_off(app, cfg, model_dirs, monkeypatch):
+    from tso.serving.app import deploy, served_checkpoints
+
+    before = replicas(cfg)
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    deploy(cfg, checkpoints=served_checkpoints(cfg), port=PORT)  # only the ingress changes
+    body = {"model": "old", "prompt": "p", "max_new_tokens": 2}
+    with httpx.Client(base_url=URL, timeout=120) as c:
+        assert c.post("/v1/generate", json=body).status_code == 401
+        assert c.post("/v1/generate", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Basic s3cret-token"}).status_code == 401
+        assert c.post("/v1/score", json={"prompt": "q", "response": "a"}).status_code == 401
+        ok = c.post("/v1/generate", json=body, headers={"Authorization": "Bearer s3cret-token"})
+        assert ok.status_code == 200
+        assert c.get("/healthz").status_code == 200  # liveness stays open
+    assert replicas(cfg) == before  # the model deployments were not restarted
+    monkeypatch.delenv(TOKEN_ENV)
+    deploy(cfg, checkpoints=served_checkpoints(cfg), port=PORT)
+    with httpx.Client(base_url=URL, timeout=120) as c:
+        assert c.post("/v1/generate", json=body).status_code == 200
+    assert served_checkpoints(cfg)["policy"] == model_dirs["stage1"]  # redeploys kept the swapped weights

@@ -1,0 +1,222 @@
+"""Build and deploy the Serve application of a run config: matrix models, policy, judge, REST ingress.
+
+In code::
+
+    from tso.serving.app import build_app, deploy, swap_checkpoint
+    deploy(cfg)                              # serve.start on cfg.serve.host:port, serve.run the app
+    swap_checkpoint(cfg, "/runs/x/stage1")   # hot-swap the policy (reconfigure, no restart)
+
+From a Serve config file (``serve run deployments/demo.yaml``): ``import_path:
+tso.serving.app:app_from_config`` with ``args: {config: builtin:demo}`` (or a path to a run config).
+
+Deployments are ordinary Serve deployments (they show in the Ray dashboard): ``model-<name>`` per
+matrix entry, ``policy`` and ``judge`` (handle-level API: ``tso.serving.deployments``) and
+``ingress`` (REST: ``tso.serving.ingress``). Each gets a deterministic Serve version computed from its
+code and constructor arguments, so redeploying with only ``user_config={"checkpoint": ...}`` changed
+is a light update: Serve calls ``reconfigure`` on the running replicas instead of restarting them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from tso.config import ConfigError, RunConfig, builtin_config_path, load_config
+from tso.serving.deployments import JudgeServer, ModelServer
+from tso.serving.ingress import Ingress, token_digest
+
+logger = logging.getLogger(__name__)
+
+INGRESS_NUM_CPUS = 0.1
+INGRESS_MAX_ONGOING = 1024
+
+
+def model_deployment_name(name: str) -> str:
+    return f"model-{name}"
+
+
+def deployment_names(cfg: RunConfig) -> list[str]:
+    return [model_deployment_name(m.name) for m in cfg.matrix.models] + ["policy", "judge"]
+
+
+def _code_fingerprint() -> str:
+    """Hash of the code a replica runs: a code change restarts replicas, a checkpoint change does not."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for sub in ("engines", "serving"):
+        for f in sorted((root / sub).glob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+    h.update((root / "method" / "judging.py").read_bytes())
+    return h.hexdigest()
+
+
+def _version(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(_code_fingerprint().encode() + blob).hexdigest()[:16]
+
+
+def _with_version(deployment, version: str):
+    """Pin Serve's deployment version (an internal option; without it every redeploy restarts)."""
+    try:
+        return deployment.options(version=version, _internal=True)
+    except (TypeError, ValueError):  # a Ray without the option: redeploys restart instead of reconfiguring
+        return deployment
+
+
+def _options(name: str, engine, resources, checkpoint: str) -> dict:
+    actor = {
+        "num_cpus": resources.num_cpus,
+        "num_gpus": resources.num_gpus,
+        "runtime_env": {"env_vars": {
+            "OMP_NUM_THREADS": str(engine.torch_threads),
+            "MKL_NUM_THREADS": str(engine.torch_threads),
+            "TOKENIZERS_PARALLELISM": "false",
+        }},
+    }
+    opts: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": actor,
+        # a batch can only be as large as the requests a replica accepts at once
+        "max_ongoing_requests": max(resources.max_ongoing_requests, engine.max_batch_size),
+        "user_config": {"checkpoint": checkpoint},
+        "health_check_period_s": 10,
+        "graceful_shutdown_timeout_s": 30,
+    }
+    if resources.autoscaling:
+        opts["autoscaling_config"] = dict(resources.autoscaling)
+    else:
+        opts["num_replicas"] = resources.num_replicas
+    return opts
+
+
+def _roles(cfg: RunConfig) -> dict[str, str]:
+    if hasattr(cfg, "mixtures"):
+        mix = cfg.mixtures()
+    else:  # an older RunConfig
+        from tso.method.sources import resolve_sources
+
+        mix = resolve_sources(cfg.matrix, cfg.pairs.human_weight)
+    roles = {}
+    for m in cfg.matrix.models:
+        roles[m.name] = ("base" if m.name == cfg.matrix.base else "positive" if m.name in mix.alpha
+                         else "negative" if m.name in mix.gamma else "none")
+    return roles
+
+
+def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source: str = "<config>") -> Application:
+    """The Serve application of a run config.
+
+    ``checkpoints`` maps deployment names (``policy``, ``judge``, ``model-<name>``) to the model
+    directory each should serve now (its ``user_config``); by default each serves its configured path
+    (the policy: the base model's). The bearer token is read from the environment variable named by
+    ``cfg.serve.auth_token_env`` now, in the building process; only its SHA-256 reaches the replicas.
+    """
+    cfg.require_model_dirs(source)
+    checkpoints = dict(checkpoints or {})
+    unknown = set(checkpoints) - set(deployment_names(cfg))
+    if unknown:
+        raise ValueError(f"checkpoints for unknown deployments {sorted(unknown)} (have {deployment_names(cfg)})")
+    for name, path in checkpoints.items():
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{name}: no Hugging Face model directory at {path} (config.json missing)")
+    roles = _roles(cfg)
+    sampling = cfg.pairs.sampling.model_dump()
+    base = cfg.matrix.entry(cfg.matrix.base)
+
+    models = {}
+    for m in cfg.matrix.models:
+        dep = model_deployment_name(m.name)
+        kwargs = dict(name=m.name, deployment=dep, role=roles[m.name], path=m.path,
+                      engine=m.engine.model_dump(), sampling=sampling, version=m.version, size=m.size,
+                      base=cfg.matrix.base, base_path=base.path)
+        d = serve.deployment(ModelServer).options(**_options(dep, m.engine, m.resources,
+                                                             checkpoints.get(dep, m.path)))
+        models[m.name] = _with_version(d, _version(dep, kwargs)).bind(**kwargs)
+
+    kwargs = dict(name="policy", deployment="policy", role="policy", path=base.path,
+                  engine=base.engine.model_dump(), sampling=sampling, version=None, size=base.size,
+                  base=base.name, base_path=base.path)
+    d = serve.deployment(ModelServer).options(**_options("policy", base.engine, base.resources,
+                                                         checkpoints.get("policy", base.path)))
+    policy = _with_version(d, _version("policy", kwargs)).bind(**kwargs)
+
+    judge_cfg = cfg.judge
+    uncorrected = judge_cfg.path is None
+    judge_path = base.path if uncorrected else judge_cfg.path
+    if not (Path(judge_path) / "config.json").is_file():
+        raise ConfigError(source, "judge.path", f"no model directory at {judge_path} (train the judge first)")
+    kwargs = dict(name="judge", deployment="judge", role="judge", path=judge_path,
+                  engine=judge_cfg.engine.model_dump(), sampling=judge_cfg.sampling.model_dump(), version=None,
+                  size=base.size, base=base.name, base_path=base.path, judge=judge_cfg.model_dump(), seed=cfg.seed)
+    d = serve.deployment(JudgeServer).options(**_options("judge", judge_cfg.engine, judge_cfg.resources,
+                                                         checkpoints.get("judge", judge_path)))
+    judge = _with_version(d, _version("judge", kwargs)).bind(**kwargs)
+    if uncorrected:
+        logger.warning("judge.path is not set: serving the base model %s as the uncorrected judge", base.path)
+
+    token = os.environ.get(cfg.serve.auth_token_env) or None
+    limits = {"max_body_bytes": cfg.serve.max_body_bytes, "max_field_chars": cfg.serve.max_field_chars,
+              "max_batch_items": cfg.serve.max_batch_items}
+    digest = token_digest(token) if token else None
+    ingress = serve.deployment(Ingress).options(
+        name="ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
+    )
+    ingress = _with_version(ingress, _version("ingress", sorted(models), limits, digest, cfg.name))
+    return ingress.bind(models=models, policy=policy, judge=judge, limits=limits, token_sha256=digest,
+                        title=cfg.name)
+
+
+def deploy(cfg: RunConfig, blocking: bool = False, *, checkpoints: dict[str, str] | None = None,
+           port: int | None = None, source: str = "<config>"):
+    """Start Serve's HTTP proxy on ``cfg.serve.host``:``port`` (default ``cfg.serve.port``) and run the
+    app as ``cfg.serve.app_name``. Needs a connected Ray (``ray.init``). Returns the ingress handle."""
+    app = build_app(cfg, checkpoints=checkpoints, source=source)
+    serve.start(http_options={"host": cfg.serve.host, "port": port or cfg.serve.port})
+    return serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=blocking)
+
+
+def served_checkpoints(cfg: RunConfig) -> dict[str, str]:
+    """What each deployment of the running app serves now (asks them)."""
+    out = {}
+    for name in deployment_names(cfg):
+        out[name] = serve.get_deployment_handle(name, cfg.serve.app_name).info.remote().result()["checkpoint"]
+    return out
+
+
+def swap_checkpoint(cfg: RunConfig, checkpoint: str, deployment: str = "policy", port: int | None = None) -> None:
+    """Hot-swap the weights one deployment serves (the policy after each stage, by default).
+
+    Redeploys the running app with only that deployment's ``user_config`` changed, so Serve calls
+    ``reconfigure`` on its replicas; returns once the app is running again on the new weights.
+    """
+    checkpoint = str(Path(checkpoint).resolve())
+    current = served_checkpoints(cfg)
+    current[deployment] = checkpoint
+    deploy(cfg, checkpoints=current, port=port)
+
+
+def _load(config: str) -> tuple[RunConfig, str]:
+    if config.startswith("builtin:"):
+        path = builtin_config_path(config.split(":", 1)[1])
+    else:
+        path = Path(config)
+    return load_config(path), str(path)
+
+
+def app_from_config(args: dict[str, Any]) -> Application:
+    """Serve application builder for Serve config files: ``args: {config: builtin:demo | <path>,
+    checkpoints: {policy: <dir>, ...}}`` (checkpoints optional)."""
+    args = dict(args or {})
+    unknown = set(args) - {"config", "checkpoints"}
+    if unknown:
+        raise ValueError(f"unknown args {sorted(unknown)} (have: config, checkpoints)")
+    cfg, source = _load(str(args.get("config", "builtin:demo")))
+    return build_app(cfg, checkpoints=args.get("checkpoints"), source=source)

@@ -1,0 +1,71 @@
+"""`tso serve CONFIG [--port N] [--blocking]`: the matrix, policy and judge as Serve deployments."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the model matrix, the policy and the judge (Ray Serve, REST API)",
+        description=(
+            "Deploy a run config's matrix models, policy and judge as Ray Serve deployments with a REST "
+            "API (docs at /docs). Connects to a running Ray cluster (ray start --head --num-cpus 8) or "
+            "starts a local one with 8 logical CPUs; a local cluster lives as long as this command, so "
+            "serving then blocks until Ctrl-C."
+        ),
+    )
+    p.add_argument("config", help="run config YAML (e.g. tso/configs/demo.yaml)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: serve.port of the config)")
+    p.add_argument("--blocking", action="store_true", help="keep running (and serving) until Ctrl-C")
+    p.set_defaults(func=_serve)
+
+
+def connect_ray(num_cpus: int = 8) -> bool:
+    """Use the connected Ray, else a running cluster (address="auto"), else start a local one.
+    Returns True when this process started the cluster (it then ends with the process)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        return False
+    except (ConnectionError, RuntimeError, ValueError):
+        ray.init(num_cpus=num_cpus, log_to_driver=False)
+        return True
+
+
+def _serve(args) -> int:
+    from ray import serve
+
+    from tso.config import load_config
+    from tso.serving.app import deploy
+
+    cfg = load_config(args.config)
+    cfg.require_model_dirs(args.config)  # before starting anything: a missing model says how to build it
+    started_here = connect_ray()
+    port = args.port or cfg.serve.port
+    deploy(cfg, port=port, source=args.config)
+    host = cfg.serve.host
+    print(f"tso: app {cfg.serve.app_name!r} is running: http://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
+          f"/docs (deployments: {', '.join(_names(cfg))})", flush=True)
+    if not (args.blocking or started_here):
+        return 0
+    if started_here and not args.blocking:
+        print("tso: this command started the Ray cluster, so it keeps serving until Ctrl-C", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("tso: stopping the app", flush=True)
+        serve.delete(cfg.serve.app_name)
+    return 0
+
+
+def _names(cfg) -> list[str]:
+    from tso.serving.app import deployment_names
+
+    return deployment_names(cfg) + ["ingress"]

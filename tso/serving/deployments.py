@@ -1,0 +1,214 @@
+"""Serve deployments of the model matrix, the policy and the judge (built by ``tso.serving.app``).
+
+Handle-level API (stable; the pair-formation and run code call it through
+``serve.get_deployment_handle(deployment_name, app_name)``, ``app_name`` = ``cfg.serve.app_name``):
+
+Deployments
+    ``model-<name>``  one per matrix model (frozen weights)
+    ``policy``        the policy being trained: starts at the base model's path, hot-swapped each stage
+    ``judge``         the judge (``cfg.judge.path``, or the base model as the *uncorrected* judge)
+
+``await handle.generate.remote(request) -> dict`` (model-<name>, policy, judge)
+    request: ``{"prompt": str | [{"role", "content"}, ...], "n": int = 1, "temperature": float | None,
+    "top_p": float | None, "max_new_tokens": int | None, "seed": int | None}`` (None or left out:
+    the run config's ``pairs.sampling``; the judge's default is ``judge.sampling``).
+    result: ``{"texts": [str] * n, "model": name, "checkpoint": path, "finish_reasons": ["stop" |
+    "length"] * n, "num_tokens": [int] * n, "prompt_tokens": int, "seeds": [int] * n}``.
+    The same ``seed`` gives the same texts whichever requests share the batch.
+
+``await handle.score.remote(request) -> dict`` (judge)
+    request: ``{"prompt": str | chat, "response": str, "dimension": str | None}``.
+    result: ``{"score": float | None, "evidence": str, "raw": str, "dimension": str, "checkpoint": str,
+    "reason": str | None, "dimensions": [{"dimension", "score", "evidence", "raw", "reason"}, ...]}``.
+    ``score`` is None when the judge's answer has no score in [2, 10] (``reason`` says why: "no_score"
+    or "out_of_range"), never a default number. Without a dimension every configured dimension is
+    scored; ``score`` is the mean of the scored ones, ``dimension`` is "mean", and ``dimensions``
+    holds each one.
+
+``generate_stream`` / ``score_stream``: the same, as async generators yielding the one result dict
+    (``ray.data.llm.ServeDeploymentProcessorConfig`` calls methods with ``stream=True``); the
+    ``request_id`` / ``idx_in_batch`` keys that processor adds are ignored.
+
+``await handle.info.remote() -> dict``: name, deployment, role, version, size, checkpoint (served
+    now), path (initial), engine, max_context, base; the judge adds dimensions and uncorrected.
+``await handle.stats.remote(reset=False) -> dict``: batches, requests and rows seen, the largest
+    batch and a histogram of batch sizes (requests per batch).
+
+Errors: a bad request raises ``tso.engines.EngineInputError`` (a ValueError; ``PromptTooLongError``
+with ``limit`` and ``prompt_tokens`` when the prompt does not fit the context). It fails that request
+only; the replica and the other requests of its batch carry on.
+
+Batching: concurrent requests are gathered by ``@serve.batch`` (``engine.max_batch_size``,
+``engine.batch_wait_timeout_s``) and generated in one engine call on a worker thread, so the
+replica's event loop keeps accepting requests meanwhile.
+
+Hot-swap: ``user_config={"checkpoint": "<model dir>"}``. ``reconfigure`` loads the new weights on a
+thread, then switches in one assignment: calls that started before finish on the old weights, every
+later call uses the new ones, and results report the checkpoint that produced them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+
+from tso.config import EngineConfig, JudgeConfig, SamplingConfig
+from tso.engines.base import EngineInputError, GenerationResult, SamplingParams, make_engine
+from tso.engines.requests import GenerationRequest, parse_request, result_dict
+from tso.serving.judge import JudgeScorer
+
+logger = logging.getLogger("ray.serve")
+
+
+class ModelServer:
+    """One model behind Serve: batched generation, hot-swappable weights."""
+
+    def __init__(self, *, name: str, deployment: str, role: str, path: str, engine: dict, sampling: dict,
+                 version: int | None = None, size: float | None = None, base: str | None = None,
+                 base_path: str | None = None):
+        self.name, self.deployment, self.role = name, deployment, role
+        self.path, self.version, self.size = path, version, size
+        self.base, self.base_path = base, base_path
+        self.engine_cfg = EngineConfig.model_validate(engine)
+        self.sampling = SamplingConfig.model_validate(sampling)
+        self.engine = make_engine(self.engine_cfg, path)
+        self._gen_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{deployment}-generate")
+        self._load_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{deployment}-load")
+        self._generate_batch.set_max_batch_size(self.engine_cfg.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.engine_cfg.batch_wait_timeout_s)
+        self._stats = _BatchStats()
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve
+            self.replica = ""
+        logger.info("%s serving %s (%s engine, context %d)", deployment, path, self.engine.name,
+                    self.engine.max_context)
+
+    # -- hot-swap
+
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        user_config = dict(user_config or {})
+        unknown = set(user_config) - {"checkpoint"}
+        if unknown:
+            raise ValueError(f"{self.deployment}: unknown user_config keys {sorted(unknown)} (have: checkpoint)")
+        checkpoint = user_config.get("checkpoint") or self.path
+        if checkpoint == self.engine.checkpoint:
+            return
+        logger.info("%s: loading %s (serving %s meanwhile)", self.deployment, checkpoint, self.engine.checkpoint)
+        await asyncio.get_running_loop().run_in_executor(self._load_pool, self.engine.load, checkpoint)
+        logger.info("%s: now serving %s", self.deployment, checkpoint)
+
+    # -- generation
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, items: list[tuple[list[int], SamplingParams]]) -> list:
+        self._stats.record(len(items), sum(p.n for _, p in items))
+        loop = asyncio.get_running_loop()
+        ids, params = [i[0] for i in items], [i[1] for i in items]
+        try:
+            return await loop.run_in_executor(self._gen_pool, self.engine.generate_ids, ids, params)
+        except EngineInputError as e:
+            if len(items) == 1:
+                return [e]
+        # one request is at fault (e.g. a swap changed the context): run them one by one, fail only it
+        out: list[GenerationResult | Exception] = []
+        for i, p in items:
+            try:
+                out.extend(await loop.run_in_executor(self._gen_pool, self.engine.generate_ids, [i], [p]))
+            except EngineInputError as e:
+                out.append(e)
+        return out
+
+    async def _submit(self, ids: list[int], params: SamplingParams) -> GenerationResult:
+        result = await self._generate_batch((ids, params))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def generate(self, request: dict) -> dict:
+        req = parse_request(GenerationRequest, request)
+        ids = self.engine.encode(req.engine_prompt())
+        return result_dict(await self._submit(ids, req.params(self.sampling)), self.name)
+
+    async def generate_stream(self, request: dict):
+        yield await self.generate(request)
+
+    # -- introspection
+
+    async def info(self) -> dict:
+        return {
+            "name": self.name,
+            "deployment": self.deployment,
+            "role": self.role,
+            "version": self.version,
+            "size": self.size,
+            "checkpoint": self.engine.checkpoint,
+            "path": self.path,
+            "engine": self.engine.name,
+            "max_context": self.engine.max_context,
+            "base": self.base,
+            "replica": self.replica,
+            "batching": {"max_batch_size": self.engine_cfg.max_batch_size,
+                         "batch_wait_timeout_s": self.engine_cfg.batch_wait_timeout_s},
+        }
+
+    async def stats(self, reset: bool = False) -> dict:
+        out = self._stats.as_dict()
+        if reset:
+            self._stats = _BatchStats()
+        return out
+
+    async def check_health(self) -> None:
+        if not self.engine.checkpoint:
+            raise RuntimeError("no model loaded")
+
+
+class JudgeServer(ModelServer):
+    """The judge: one rubric prompt per dimension, batched with every other request of the replica."""
+
+    def __init__(self, *, judge: dict, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.scorer = JudgeScorer(JudgeConfig.model_validate(judge), self.engine, seed=seed)
+
+    async def score(self, request: dict) -> dict:
+        call, dims, encoded = self.scorer.prepare(request)
+        results = await asyncio.gather(*(self._submit(ids, self.scorer.params) for ids in encoded))
+        return self.scorer.combine(call, dims, list(results))
+
+    async def score_stream(self, request: dict):
+        yield await self.score(request)
+
+    async def info(self) -> dict:
+        out = await super().info()
+        out.update(dimensions=self.scorer.dimensions,
+                   uncorrected=self.base_path is not None and self.engine.checkpoint == self.base_path)
+        return out
+
+
+class _BatchStats:
+    """What batching achieved, observable from outside (tests, benchmarks)."""
+
+    def __init__(self):
+        self.batches = self.requests = self.rows = 0
+        self.sizes: Counter[int] = Counter()
+
+    def record(self, requests: int, rows: int) -> None:
+        self.batches += 1
+        self.requests += requests
+        self.rows += rows
+        self.sizes[requests] += 1
+
+    def as_dict(self) -> dict:
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "rows": self.rows,
+            "max_batch_requests": max(self.sizes, default=0),
+            "mean_batch_requests": self.requests / self.batches if self.batches else 0.0,
+            "histogram": {str(k): v for k, v in sorted(self.sizes.items())},
+        }
