@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tso.config import TrainConfig
-from tso.train.data import (encode_prompt, epoch_steps, read_pairs, shard, split_minibatches, tokenize_pairs)
+from tso.train.data import encode_prompt, epoch_steps, read_pairs, shard, split_minibatches, tokenize_pairs
 from tso.train.deepspeed_config import WarmupCosine, deepspeed_config
 from tso.train.metrics import read_kind, read_records, read_steps
 from tso.train.minibatch import plan_stage
@@ -300,8 +300,8 @@ def test_judge_sft_loss_is_answer_tokens_only_and_falls(tmp_path, tiny_model_dir
 
     from tso.method.logprobs import slow_sequence_logprob
     from tso.train.data import encode_response
-    from tso.train.judge_sft import JudgeJob, read_feedback, sft_step, train_judge_local
     from tso.train.engine import TorchEngine
+    from tso.train.judge_sft import JudgeJob, read_feedback, sft_step, train_judge_local
 
     rows = toy_feedback(48, seed=3)
     lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps({"messages": [{"role": "user", "content": "q"}]})]

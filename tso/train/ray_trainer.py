@@ -147,6 +147,23 @@ def preflight_policy(train, pairs_path: str, base_path: str, stage: int) -> str:
     return rep.summary()
 
 
+def preflight_judge(train, feedback_path: str, base_path: str, max_examples: int | None) -> str:
+    """The judge's inputs, checked in the driver: model directory, feedback file, at least one step."""
+    from transformers import AutoTokenizer
+
+    from tso.train.judge_sft import read_feedback, sft_total_steps
+
+    if not (Path(base_path) / "config.json").is_file():
+        raise FileNotFoundError(f"{base_path}: no Hugging Face model directory (config.json missing)")
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    examples, rep = read_feedback(feedback_path, tokenizer, train.max_length, max_examples)
+    try:
+        sft_total_steps(len(examples), train)
+    except ValueError as e:
+        raise ValueError(f"{feedback_path}: {e} ({rep.summary()})") from None
+    return rep.summary()
+
+
 def default_policy_out(cfg: RunConfig, stage: int) -> Path:
     return Path(cfg.run_dir) / "train" / f"stage{stage}"
 
@@ -208,5 +225,6 @@ def train_judge(cfg: RunConfig, feedback_path: str | os.PathLike | None = None, 
                    base_path=str(Path(base_path).absolute()), out_dir=str(out), work_dir=str(work),
                    config_hash=cfg.config_hash(), base_name=base_name, max_examples=cfg.judge.train.max_examples,
                    engine=engine, threads=threads_per_worker, fault=fault)
+    preflight_judge(train, job.feedback_path, job.base_path, job.max_examples)
     _fit(_judge_loop, job, train, work / "ray", "judge", max_failures, env)
     return json.loads((work / "summary.json").read_text())
