@@ -272,4 +272,4 @@ def form_pairs_step(cfg, stage: int, out_dir: str | Path, *, app_name: str | Non
     summary = summarize(results, prompts.rejects, prompts.over_limit, time.perf_counter() - start)
     summary.update({"stage": stage, "seed": cfg.seed, "prompts_file": cfg.pairs.prompts})
     paths = write_outputs(out_dir, results, summary, prompts.rejects)
-    return {"summary": summary, **{k: str(v) for k, v in paths.items()}}
+    return {"summary": summary, **{f"{k}_path": str(v) for k, v in paths.items()}}
