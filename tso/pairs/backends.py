@@ -53,23 +53,25 @@ class LocalBackend:
     """The same engines and judge logic in one process, no Ray: the pipeline's overhead baseline."""
 
     def __init__(self, cfg, policy_path: str | None = None, judge_path: str | None = None):
-        from tso.engines import make_engine
+        from tso.engines.base import make_engine
         from tso.serving.judge import JudgeScorer
 
         self.engines = {m.name: make_engine(m.engine, m.path) for m in cfg.matrix.models}
         base = cfg.matrix.entry(cfg.matrix.base)
         self.engines[POLICY] = make_engine(base.engine, policy_path or base.path)
-        self.judge = JudgeScorer(cfg.judge, make_engine(cfg.judge.engine, judge_path or cfg.judge.path or base.path))
+        judge_engine = make_engine(cfg.judge.engine, judge_path or cfg.judge.path or base.path)
+        self.judge = JudgeScorer(cfg.judge, judge_engine, seed=cfg.seed)
+        self.defaults = cfg.pairs.sampling
 
     def generate(self, requests: list[tuple[str, dict]]) -> list[dict]:
-        from tso.engines import generate_requests
+        from tso.engines.requests import generate_requests
 
         out: list[dict | None] = [None] * len(requests)
         by_model: dict[str, list[int]] = {}
         for i, (model, _) in enumerate(requests):
             by_model.setdefault(model, []).append(i)
         for model, idx in by_model.items():
-            results = generate_requests(self.engines[model], [requests[i][1] for i in idx])
+            results = generate_requests(self.engines[model], [requests[i][1] for i in idx], self.defaults, model)
             for i, res in zip(idx, results):
                 out[i] = res
         return out  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from tso.method.sources import row_seed
 def _generate_answers(engine_cfg: dict, path: str, rows: list[dict], sampling: dict, seed: int) -> list[str]:
     """Runs where Ray places it (a task with the model's resources): load once, generate in batches."""
     from tso.config import EngineConfig
-    from tso.engines import make_engine
+    from tso.engines.base import make_engine
     from tso.engines.requests import generate_requests
 
     engine = make_engine(EngineConfig.model_validate(engine_cfg), path)

@@ -1,0 +1,47 @@
+"""`tso pairs CONFIG`: form one stage's preference pairs through the Serve deployments."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pairs", help="form preference pairs (Ray Data through the Serve deployments)")
+    p.add_argument("config", help="run config YAML, or builtin:NAME")
+    p.add_argument("--stage", type=int, default=1)
+    p.add_argument("--out", default=None, help="output directory (default <run_dir>/stage-<N>/pairs)")
+    p.add_argument("--policy", default=None, help="the policy's model directory (default: the base model)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per Ray Data batch")
+    p.add_argument("--concurrency", type=int, default=2, help="Ray Data actors calling the deployments")
+    p.add_argument("--local", action="store_true", help="no Ray: run the same engines in this process")
+    p.set_defaults(func=_pairs)
+
+
+def _pairs(args) -> int:
+    import json
+
+    from tso.config import load_config, resolve_config_ref
+    from tso.pairs.pipeline import form_pairs_step
+
+    path = resolve_config_ref(args.config)
+    cfg = load_config(path)
+    cfg.require_model_dirs(str(path))
+    out = Path(args.out or Path(cfg.run_dir) / f"stage-{args.stage}" / "pairs").absolute()
+    if args.local:
+        from tso.pairs.backends import LocalBackend
+
+        res = form_pairs_step(cfg, args.stage, out, backend=LocalBackend(cfg, policy_path=args.policy),
+                              batch_size=args.batch_size)
+    else:
+        from tso.run.pipeline import connect_ray
+        from tso.serving.app import deploy
+
+        connect_ray()
+        deploy(cfg, checkpoints={"policy": str(Path(args.policy).absolute())} if args.policy else None,
+               source=str(path))
+        res = form_pairs_step(cfg, args.stage, out, app_name=cfg.serve.app_name, batch_size=args.batch_size,
+                              concurrency=args.concurrency)
+    print(json.dumps(res["summary"], indent=2))
+    print(f"pairs: {res['pairs_path']}\nsummary: {res['summary_path']}\nrejects: {res['rejects_path']}")
+    return 0
