@@ -87,6 +87,7 @@ def _options(name: str, engine, resources, checkpoint: str) -> dict:
         "max_ongoing_requests": max(resources.max_ongoing_requests, engine.max_batch_size),
         "user_config": {"checkpoint": checkpoint},
         "health_check_period_s": 10,
+        "health_check_timeout_s": 120,  # a health check waits for the running batch (deployments.py)
         "graceful_shutdown_timeout_s": 30,
     }
     if resources.autoscaling:
@@ -110,22 +111,27 @@ def _roles(cfg: RunConfig) -> dict[str, str]:
     return roles
 
 
-def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source: str = "<config>") -> Application:
+def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source: str = "<config>",
+              include: list[str] | None = None) -> Application:
     """The Serve application of a run config.
 
     ``checkpoints`` maps deployment names (``policy``, ``judge``, ``model-<name>``) to the model
     directory each should serve now (its ``user_config``); by default each serves its configured path
-    (the policy: the base model's). The bearer token is read from the environment variable named by
+    (the policy: the base model's). ``include`` limits the app to some of those deployments (e.g.
+    ``["judge"]`` for a scoring-only service); the ingress is always there and answers 404 for a model
+    it does not serve. The bearer token is read from the environment variable named by
     ``cfg.serve.auth_token_env`` now, in the building process; only its SHA-256 reaches the replicas.
     """
-    cfg.require_model_dirs(source)
-    checkpoints = dict(checkpoints or {})
-    unknown = set(checkpoints) - set(deployment_names(cfg))
+    names = deployment_names(cfg)
+    wanted = set(names if include is None else include)
+    unknown = (set(checkpoints or {}) | wanted) - set(names)
     if unknown:
-        raise ValueError(f"checkpoints for unknown deployments {sorted(unknown)} (have {deployment_names(cfg)})")
+        raise ValueError(f"unknown deployments {sorted(unknown)} (have {names})")
+    checkpoints = dict(checkpoints or {})
     for name, path in checkpoints.items():
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"{name}: no Hugging Face model directory at {path} (config.json missing)")
+    cfg.require_model_dirs(source)
     roles = _roles(cfg)
     sampling = cfg.pairs.sampling.model_dump()
     base = cfg.matrix.entry(cfg.matrix.base)
@@ -133,6 +139,8 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
     models = {}
     for m in cfg.matrix.models:
         dep = model_deployment_name(m.name)
+        if dep not in wanted:
+            continue
         kwargs = dict(name=m.name, deployment=dep, role=roles[m.name], path=m.path,
                       engine=m.engine.model_dump(), sampling=sampling, version=m.version, size=m.size,
                       base=cfg.matrix.base, base_path=base.path)
@@ -140,26 +148,31 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
                                                              checkpoints.get(dep, m.path)))
         models[m.name] = _with_version(d, _version(dep, kwargs)).bind(**kwargs)
 
-    kwargs = dict(name="policy", deployment="policy", role="policy", path=base.path,
-                  engine=base.engine.model_dump(), sampling=sampling, version=None, size=base.size,
-                  base=base.name, base_path=base.path)
-    d = serve.deployment(ModelServer).options(**_options("policy", base.engine, base.resources,
-                                                         checkpoints.get("policy", base.path)))
-    policy = _with_version(d, _version("policy", kwargs)).bind(**kwargs)
+    policy = None
+    if "policy" in wanted:
+        kwargs = dict(name="policy", deployment="policy", role="policy", path=base.path,
+                      engine=base.engine.model_dump(), sampling=sampling, version=None, size=base.size,
+                      base=base.name, base_path=base.path)
+        d = serve.deployment(ModelServer).options(**_options("policy", base.engine, base.resources,
+                                                             checkpoints.get("policy", base.path)))
+        policy = _with_version(d, _version("policy", kwargs)).bind(**kwargs)
 
-    judge_cfg = cfg.judge
-    uncorrected = judge_cfg.path is None
-    judge_path = base.path if uncorrected else judge_cfg.path
-    if not (Path(judge_path) / "config.json").is_file():
-        raise ConfigError(source, "judge.path", f"no model directory at {judge_path} (train the judge first)")
-    kwargs = dict(name="judge", deployment="judge", role="judge", path=judge_path,
-                  engine=judge_cfg.engine.model_dump(), sampling=judge_cfg.sampling.model_dump(), version=None,
-                  size=base.size, base=base.name, base_path=base.path, judge=judge_cfg.model_dump(), seed=cfg.seed)
-    d = serve.deployment(JudgeServer).options(**_options("judge", judge_cfg.engine, judge_cfg.resources,
-                                                         checkpoints.get("judge", judge_path)))
-    judge = _with_version(d, _version("judge", kwargs)).bind(**kwargs)
-    if uncorrected:
-        logger.warning("judge.path is not set: serving the base model %s as the uncorrected judge", base.path)
+    judge = None
+    if "judge" in wanted:
+        judge_cfg = cfg.judge
+        uncorrected = judge_cfg.path is None
+        judge_path = base.path if uncorrected else judge_cfg.path
+        if not (Path(judge_path) / "config.json").is_file():
+            raise ConfigError(source, "judge.path", f"no model directory at {judge_path} (train the judge first)")
+        kwargs = dict(name="judge", deployment="judge", role="judge", path=judge_path,
+                      engine=judge_cfg.engine.model_dump(), sampling=judge_cfg.sampling.model_dump(), version=None,
+                      size=base.size, base=base.name, base_path=base.path, judge=judge_cfg.model_dump(),
+                      seed=cfg.seed)
+        d = serve.deployment(JudgeServer).options(**_options("judge", judge_cfg.engine, judge_cfg.resources,
+                                                             checkpoints.get("judge", judge_path)))
+        judge = _with_version(d, _version("judge", kwargs)).bind(**kwargs)
+        if uncorrected:
+            logger.warning("judge.path is not set: serving the base model %s as the uncorrected judge", base.path)
 
     token = os.environ.get(cfg.serve.auth_token_env) or None
     limits = {"max_body_bytes": cfg.serve.max_body_bytes, "max_field_chars": cfg.serve.max_field_chars,
@@ -169,38 +182,41 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
         name="ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
     )
-    ingress = _with_version(ingress, _version("ingress", sorted(models), limits, digest, cfg.name))
+    ingress = _with_version(ingress, _version("ingress", sorted(wanted), limits, digest, cfg.name))
     return ingress.bind(models=models, policy=policy, judge=judge, limits=limits, token_sha256=digest,
                         title=cfg.name)
 
 
 def deploy(cfg: RunConfig, blocking: bool = False, *, checkpoints: dict[str, str] | None = None,
-           port: int | None = None, source: str = "<config>"):
+           port: int | None = None, source: str = "<config>", include: list[str] | None = None):
     """Start Serve's HTTP proxy on ``cfg.serve.host``:``port`` (default ``cfg.serve.port``) and run the
-    app as ``cfg.serve.app_name``. Needs a connected Ray (``ray.init``). Returns the ingress handle."""
-    app = build_app(cfg, checkpoints=checkpoints, source=source)
+    app as ``cfg.serve.app_name`` (see ``build_app``). Needs a connected Ray (``ray.init``). Returns the
+    ingress handle."""
+    app = build_app(cfg, checkpoints=checkpoints, source=source, include=include)
     serve.start(http_options={"host": cfg.serve.host, "port": port or cfg.serve.port})
     return serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=blocking)
 
 
-def served_checkpoints(cfg: RunConfig) -> dict[str, str]:
+def served_checkpoints(cfg: RunConfig, include: list[str] | None = None) -> dict[str, str]:
     """What each deployment of the running app serves now (asks them)."""
     out = {}
-    for name in deployment_names(cfg):
+    for name in include or deployment_names(cfg):
         out[name] = serve.get_deployment_handle(name, cfg.serve.app_name).info.remote().result()["checkpoint"]
     return out
 
 
-def swap_checkpoint(cfg: RunConfig, checkpoint: str, deployment: str = "policy", port: int | None = None) -> None:
+def swap_checkpoint(cfg: RunConfig, checkpoint: str, deployment: str = "policy", port: int | None = None,
+                    include: list[str] | None = None) -> None:
     """Hot-swap the weights one deployment serves (the policy after each stage, by default).
 
-    Redeploys the running app with only that deployment's ``user_config`` changed, so Serve calls
-    ``reconfigure`` on its replicas; returns once the app is running again on the new weights.
+    Redeploys the running app (the same ``include`` as it was deployed with) with only that
+    deployment's ``user_config`` changed, so Serve calls ``reconfigure`` on its replicas instead of
+    restarting them; returns once the app is running again, on the new weights.
     """
     checkpoint = str(Path(checkpoint).resolve())
-    current = served_checkpoints(cfg)
+    current = served_checkpoints(cfg, include)
     current[deployment] = checkpoint
-    deploy(cfg, checkpoints=current, port=port)
+    deploy(cfg, checkpoints=current, port=port, include=include)
 
 
 def _load(config: str) -> tuple[RunConfig, str]:

@@ -34,7 +34,7 @@ def connect_ray(num_cpus: int = 8) -> bool:
         ray.init(address="auto", log_to_driver=False)
         return False
     except (ConnectionError, RuntimeError, ValueError):
-        ray.init(num_cpus=num_cpus, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=False)
         return True
 
 

@@ -30,21 +30,28 @@ Deployments
     ``request_id`` / ``idx_in_batch`` keys that processor adds are ignored.
 
 ``await handle.info.remote() -> dict``: name, deployment, role, version, size, checkpoint (served
-    now), path (initial), engine, max_context, base; the judge adds dimensions and uncorrected.
-``await handle.stats.remote(reset=False) -> dict``: batches, requests and rows seen, the largest
-    batch and a histogram of batch sizes (requests per batch).
+    now), path (configured), engine, max_context, base, replica (its id), batching; the judge adds
+    dimensions and uncorrected (true while it serves the base model's weights).
+``await handle.stats.remote(reset=False) -> dict``: batches, requests (batch items: a judge score
+    request is one item per dimension) and rows (items x n) seen, the largest batch and a histogram.
+
+In one process without Ray the same dicts are answered by ``tso.engines.requests.generate_requests``
+and ``tso.serving.judge.JudgeScorer`` (the code these deployments run).
 
 Errors: a bad request raises ``tso.engines.EngineInputError`` (a ValueError; ``PromptTooLongError``
 with ``limit`` and ``prompt_tokens`` when the prompt does not fit the context). It fails that request
 only; the replica and the other requests of its batch carry on.
 
-Batching: concurrent requests are gathered by ``@serve.batch`` (``engine.max_batch_size``,
-``engine.batch_wait_timeout_s``) and generated in one engine call on a worker thread, so the
-replica's event loop keeps accepting requests meanwhile.
+Batching: concurrent requests (each judge dimension is one) are gathered by ``@serve.batch``
+(``engine.max_batch_size``, ``engine.batch_wait_timeout_s``; ``max_ongoing_requests`` is raised to at
+least ``max_batch_size``) and generated in one engine call on the replica's event loop; requests
+arriving meanwhile queue in Serve and form the next batch (see ``_generate_batch`` for why not a
+thread).
 
-Hot-swap: ``user_config={"checkpoint": "<model dir>"}``. ``reconfigure`` loads the new weights on a
-thread, then switches in one assignment: calls that started before finish on the old weights, every
-later call uses the new ones, and results report the checkpoint that produced them.
+Hot-swap: ``user_config={"checkpoint": "<model dir>"}`` (``tso.serving.app.swap_checkpoint``).
+``reconfigure`` loads the new weights on a thread while batches keep running on the old ones, then
+switches in one assignment: a batch that started before runs on the old weights, every later batch
+on the new ones, and each result reports the checkpoint that produced it.
 """
 
 from __future__ import annotations
@@ -77,7 +84,6 @@ class ModelServer:
         self.engine_cfg = EngineConfig.model_validate(engine)
         self.sampling = SamplingConfig.model_validate(sampling)
         self.engine = make_engine(self.engine_cfg, path)
-        self._gen_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{deployment}-generate")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{deployment}-load")
         self._generate_batch.set_max_batch_size(self.engine_cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.engine_cfg.batch_wait_timeout_s)
@@ -107,19 +113,28 @@ class ModelServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, items: list[tuple[list[int], SamplingParams]]) -> list:
+        """One engine call for a Serve batch, run on this replica's event loop (blocking it).
+
+        Requests that arrive meanwhile queue in Serve and form the next batch. On a worker thread
+        the generation loop (Python-heavy for small models) starved request intake of the GIL and
+        ``@serve.batch`` kept forming small batches: measured on 2 CPU cores, 3-4x smaller batches
+        and about 1.5x lower throughput than this. The cost: ``info``/``stats``/health checks wait
+        for the running batch (``health_check_timeout_s`` is set with that in mind)."""
         self._stats.record(len(items), sum(p.n for _, p in items))
-        loop = asyncio.get_running_loop()
+        return self._run(items)
+
+    def _run(self, items: list) -> list:
+        """A request at fault fails alone: the others of its batch still get their answers."""
         ids, params = [i[0] for i in items], [i[1] for i in items]
         try:
-            return await loop.run_in_executor(self._gen_pool, self.engine.generate_ids, ids, params)
+            return self.engine.generate_ids(ids, params)
         except EngineInputError as e:
             if len(items) == 1:
                 return [e]
-        # one request is at fault (e.g. a swap changed the context): run them one by one, fail only it
         out: list[GenerationResult | Exception] = []
-        for i, p in items:
+        for i, p in items:  # e.g. a hot-swap changed the context between encoding and generation
             try:
-                out.extend(await loop.run_in_executor(self._gen_pool, self.engine.generate_ids, [i], [p]))
+                out.extend(self.engine.generate_ids([i], [p]))
             except EngineInputError as e:
                 out.append(e)
         return out

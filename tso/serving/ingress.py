@@ -131,14 +131,16 @@ class Ingress:
 
     # -- helpers
 
+    def _served(self) -> list[str]:
+        return sorted(self.models) + (["policy"] if self.policy is not None else [])
+
     def _handle(self, model: str):
-        if model == "policy":
+        if model == "policy" and self.policy is not None:
             return self.policy
         if model in self.models:
             return self.models[model]
         raise HTTPException(404, detail={"error": "unknown_model", "model": model,
-                                         "message": f"no model {model!r}",
-                                         "models": sorted(self.models) + ["policy"]})
+                                         "message": f"no model {model!r}", "models": self._served()})
 
     def _check_score_fields(self, body: ScoreBody, where: str = "") -> None:
         for name, length in (("prompt", prompt_chars(body.prompt)), ("response", len(body.response))):
@@ -146,6 +148,8 @@ class Ingress:
                 raise _field_limit(where + name, length, self.max_field_chars)
 
     async def _score(self, body: ScoreBody, where: str = "") -> dict:
+        if self.judge is None:
+            raise HTTPException(404, detail={"error": "no_judge", "message": "this app serves no judge"})
         try:
             return await self.judge.score.remote(body.model_dump())
         except EngineInputError as e:
@@ -184,7 +188,7 @@ class Ingress:
 
         @app.get("/v1/models", response_model=ModelsResponse, dependencies=auth, responses=_ERRORS)
         async def models() -> dict:
-            handles = [*self.models.values(), self.policy, self.judge]
+            handles = [h for h in (*self.models.values(), self.policy, self.judge) if h is not None]
             infos = await asyncio.gather(*(h.info.remote() for h in handles))
             return {"models": [{k: v for k, v in i.items() if k in ModelInfo.model_fields} for i in infos]}
 
