@@ -60,8 +60,8 @@ def connect_ray(num_cpus: int = 8) -> bool:
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if os.environ.get("TSO_HOME"):
         env["TSO_HOME"] = os.environ["TSO_HOME"]
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    if os.environ.get("RAY_ADDRESS"):  # a `ray job submit` driver: the job's runtime env applies
+        ray.init(log_to_driver=True)
         return False
     try:
         ray.init(address="auto", runtime_env={"env_vars": env})

@@ -64,8 +64,12 @@ def _last_metrics(path: Path) -> dict | None:
         return None
     last = None
     for line in path.read_text().splitlines():
-        if line.strip():
-            last = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed process
+            continue
+        if record.get("kind", "step") == "step":
+            last = record
     return last
 
 
