@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from tso.config import dump_config, load_config
+from tso.config import dump_config, load_config, resolve_config_ref
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="validate or print a run config")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     check = csub.add_parser("check", help="validate a run config (names file and field on error)")
-    check.add_argument("config")
+    check.add_argument("config", help="a YAML file, or builtin:NAME (demo, dpo, ipo, cdpo, self_reward)")
     check.set_defaults(func=_check)
     show = csub.add_parser("show", help="print a run config with every default filled in")
     show.add_argument("config")
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(resolve_config_ref(args.config))
     mix = cfg.mixtures()
     print(f"{args.config}: ok ({len(cfg.matrix.models)} models, base {cfg.matrix.base}, {cfg.stages} stages)")
     print(f"  positives (alpha): {mix.alpha}")
@@ -30,7 +30,7 @@ def _check(args) -> int:
 
 
 def _show(args) -> int:
-    print(dump_config(load_config(args.config)), end="")
+    print(dump_config(load_config(resolve_config_ref(args.config))), end="")
     return 0
 
 

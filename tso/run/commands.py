@@ -66,9 +66,9 @@ def _demo(args) -> int:
     manifest = tso_home() / "zoo" / "manifest.json"
     if not manifest.is_file():
         print("[demo] the tiny model matrix is not built yet: building it (once, cached in $TSO_HOME)")
-        from tso.zoo.commands import main_build
+        from tso.cli import main as tso_main
 
-        code = main_build()
+        code = tso_main(["zoo", "build"])
         if code:
             return code
     cfg, source = _load("builtin:demo", sets)
