@@ -68,6 +68,32 @@ def machine_info() -> dict:
     return info
 
 
+def serve_processes() -> dict:
+    """The processes on the request path, to report CPU time per request where it is spent."""
+    import psutil
+
+    keys = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{APP}:ingress", "judge": f"ServeReplica:{APP}:judge",
+            "controller": "ServeController"}
+    found = {"load_generator_and_driver": psutil.Process()}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        for name, key in keys.items():
+            if cmd.startswith("ray::") and key in cmd:
+                found[name] = proc
+    return found
+
+
+def cpu_seconds(procs: dict) -> dict:
+    out = {}
+    for name, proc in procs.items():
+        try:
+            t = proc.cpu_times()
+            out[name] = t.user + t.system
+        except Exception:  # a process that went away
+            out[name] = float("nan")
+    return out
+
+
 def build_model_dir(root: Path) -> Path:
     from tso.toyworld.tokenizer import build_tokenizer
     from tso.zoo.tiny import random_tiny_llama, save_model_dir
@@ -100,7 +126,7 @@ def _request(i: int) -> dict:
             "response": f"The answer is {(i % 97) + (7 * i) % 89}." + " Indeed." * (i % 4)}
 
 
-async def run_level(url: str, clients: int, n_requests: int) -> dict:
+async def run_level(url: str, clients: int, n_requests: int, procs: dict | None = None) -> dict:
     """``clients`` workers send ``n_requests`` score requests in total, each waiting for its answer."""
     import httpx
 
@@ -123,9 +149,11 @@ async def run_level(url: str, clients: int, n_requests: int) -> dict:
                 if r.status_code != 200:
                     errors += 1
 
+        cpu_before = cpu_seconds(procs or {})
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
+        cpu_after = cpu_seconds(procs or {})
     lat = sorted(latencies)
     return {
         "clients": clients,
@@ -136,6 +164,8 @@ async def run_level(url: str, clients: int, n_requests: int) -> dict:
         "latency_p50_ms": round(1000 * statistics.median(lat), 2),
         "latency_p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
         "latency_mean_ms": round(1000 * statistics.fmean(lat), 2),
+        # CPU time each process on the request path spent per request (where the time goes)
+        "cpu_ms_per_request": {k: round(1000 * (cpu_after[k] - cpu_before[k]) / n_requests, 2) for k in cpu_before},
     }
 
 
@@ -160,9 +190,10 @@ def measure(cfg, args, levels: list[int], label: str) -> dict:
     out = {"max_batch_size": cfg.judge.engine.max_batch_size,
            "batch_wait_timeout_s": cfg.judge.engine.batch_wait_timeout_s,
            "deploy_s": round(deploy_s, 2), "levels": {}}
+    procs = serve_processes()
     for clients in levels:
         judge.stats.remote(reset=True).result()
-        res = asyncio.run(run_level(url, clients, requests_for(clients, args)))
+        res = asyncio.run(run_level(url, clients, requests_for(clients, args), procs))
         stats = judge.stats.remote().result()
         res["judge_batches"] = stats["batches"]
         res["judge_mean_batch_rows"] = round(stats["mean_batch_requests"], 2)
@@ -219,6 +250,7 @@ def main(argv=None) -> dict:
         },
         "baseline": "batching_off",
         "configurations": {"batching_on": on, "batching_off": off},
+        "load_average_at_end": list(os.getloadavg()),
         "ratio_clients": int(top),
         "ratio_on_over_off": round(ratio, 3),
         "target_ratio": 5.0,

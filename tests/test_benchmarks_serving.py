@@ -36,6 +36,8 @@ def test_quick_mode_writes_both_configurations_and_the_ratio(ray_cluster, tmp_pa
         for level in conf["levels"].values():
             assert level["errors"] == 0 and level["requests"] >= 8
             assert level["throughput_rps"] > 0 and 0 < level["latency_p50_ms"] <= level["latency_p99_ms"]
+            assert {"judge", "ingress", "proxy", "load_generator_and_driver"} <= set(level["cpu_ms_per_request"])
+            assert level["cpu_ms_per_request"]["judge"] > 0  # the judge really generated
     assert off["levels"]["8"]["judge_max_batch_rows"] == 1  # batch size 1 really is 1
     assert on["levels"]["8"]["judge_max_batch_rows"] > 1  # and batching really batches under load
     assert data["ratio_clients"] == 8

@@ -347,3 +347,48 @@ def test_bearer_token_auth_on_and_off(app, cfg, model_dirs, monkeypatch):
     with httpx.Client(base_url=URL, timeout=120) as c:
         assert c.post("/v1/generate", json=body).status_code == 200
     assert served_checkpoints(cfg)["policy"] == model_dirs["stage1"]  # redeploys kept the swapped weights
+
+
+# ----------------------------------------------------------------------------- the Serve config file
+
+
+def test_deployments_yaml_names_a_real_builder_and_the_demo_app(tmp_path, monkeypatch):
+    """deployments/demo.yaml parses as a Serve config, its import path is the builder, its app name is the
+    demo config's serve.app_name, and without a built zoo the builder says which model to build how."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from tso.config import ConfigError, builtin_config_path, load_config
+
+    spec = ServeDeploySchema.model_validate(
+        yaml.safe_load((Path(__file__).resolve().parents[1] / "deployments" / "demo.yaml").read_text()))
+    [app] = spec.applications
+    module, _, attr = app.import_path.partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert app.args == {"config": "builtin:demo"}
+    assert app.name == load_config(builtin_config_path("demo")).serve.app_name
+    monkeypatch.setenv("TSO_HOME", str(tmp_path / "empty-home"))
+    with pytest.raises(ConfigError, match="tso zoo build"):
+        builder(app.args)
+    with pytest.raises(ValueError, match="unknown args"):
+        builder({"config": "builtin:demo", "port": 1})
+    assert isinstance(builder({"config": str(_write_tiny_config(tmp_path))}), Application)
+
+
+def _write_tiny_config(tmp_path):
+    from tso.toyworld.tokenizer import build_tokenizer
+    from tso.zoo.tiny import random_tiny_llama, save_model_dir
+
+    tok = build_tokenizer()
+    for name in ("a", "b"):
+        save_model_dir(random_tiny_llama(tok, seed=0, hidden=16, layers=1, heads=2), tok, tmp_path / name)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        f"matrix:\n  base: b\n  models:\n"
+        f"    - {{name: a, path: {tmp_path / 'a'}, version: 0, size: 1}}\n"
+        f"    - {{name: b, path: {tmp_path / 'b'}, version: 1, size: 1}}\n")
+    return path
