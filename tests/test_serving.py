@@ -392,3 +392,35 @@ def _write_tiny_config(tmp_path):
         f"    - {{name: a, path: {tmp_path / 'a'}, version: 0, size: 1}}\n"
         f"    - {{name: b, path: {tmp_path / 'b'}, version: 1, size: 1}}\n")
     return path
+
+
+def test_deployment_options_follow_the_resource_config():
+    """Placement and batching admission come from the run config (no cluster needed)."""
+    from tso.config import ResourceConfig
+    from tso.serving.app import _options
+
+    engine = EngineConfig(max_batch_size=48, torch_threads=2)
+    opts = _options("judge", engine, ResourceConfig(num_cpus=0.5, num_gpus=1, num_replicas=3, max_ongoing_requests=8),
+                    "/ckpt")
+    assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
+    assert opts["max_ongoing_requests"] == 48  # raised to max_batch_size, or batches could never fill
+    assert opts["ray_actor_options"]["num_cpus"] == 0.5 and opts["ray_actor_options"]["num_gpus"] == 1
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    assert opts["user_config"] == {"checkpoint": "/ckpt"}
+    auto = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
+    opts = _options("judge", engine, ResourceConfig(autoscaling=auto), "/ckpt")
+    assert opts["autoscaling_config"] == auto and "num_replicas" not in opts
+
+
+def test_build_app_checks_names_and_directories(tmp_path):
+    from tso.config import load_config
+    from tso.serving.app import build_app
+
+    cfg = load_config(_write_tiny_config(tmp_path))
+    with pytest.raises(ValueError, match="unknown deployments"):
+        build_app(cfg, include=["judge", "model-zz"])
+    with pytest.raises(FileNotFoundError, match="policy"):
+        build_app(cfg, checkpoints={"policy": str(tmp_path / "missing")})
+    cfg.matrix.models[0].path = str(tmp_path / "gone")
+    with pytest.raises(ValueError, match="no model directory"):
+        build_app(cfg, include=["judge"])
