@@ -33,6 +33,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join another cluster running on this machine
             num_cpus=8,
             include_dashboard=False,
             log_to_driver=False,

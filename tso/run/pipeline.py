@@ -67,7 +67,7 @@ def connect_ray(num_cpus: int = 8) -> bool:
         ray.init(address="auto", runtime_env={"env_vars": env})
         return False
     except ConnectionError:
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True)
+        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True)
         return True
 
 
