@@ -292,6 +292,20 @@ def test_pairs_file_without_required_columns_names_the_file(tmp_path):
         read_pairs(p)
 
 
+def test_pairs_file_prompt_messages_column_is_the_chat_trained_on(tmp_path, tiny_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2="}]
+    rows = [{"id": "a", "prompt": "be brief 2+2=", "chosen": "4", "rejected": "5", "prompt_messages": json.dumps(chat)},
+            {"id": "b", "prompt": "3+3=", "chosen": "6", "rejected": "7", "prompt_messages": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    pairs, rep = tokenize_pairs(read_pairs(tmp_path / "p.parquet"), tiny_tokenizer, 64)
+    assert rep.kept == 2
+    assert tiny_tokenizer.decode(pairs[0].prompt) == "<|system|>be brief<|user|>2+2=<|assistant|>"
+    assert tiny_tokenizer.decode(pairs[1].prompt) == "<|user|>3+3=<|assistant|>"
+
+
 # ----------------------------------------------------------------------------- judge SFT
 
 
@@ -357,3 +371,46 @@ def test_deepspeed_engine_in_one_process_matches_plain_torch(tmp_path, pairs_fil
     assert [r["loss"] for r in ds_steps] == pytest.approx([r["loss"] for r in read_steps(run_policy.metrics_path)],
                                                           abs=1e-5)
     assert _max_diff(_weights(tmp_path / "ds" / "policy"), _weights(Path(run_policy.policy_dir))) < 1e-5
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _config_yaml(tmp_path, tiny_model_dir, **train) -> Path:
+    import yaml
+
+    models = [{"name": "base", "path": str(tiny_model_dir), "version": 0, "size": 1},
+              {"name": "small", "path": str(tiny_model_dir), "version": 0, "size": 0.5},
+              {"name": "big", "path": str(tiny_model_dir), "version": 1, "size": 2}]
+    t = {"minibatches": 2, "epochs": 1, "global_batch": 8, "micro_batch": 4, "max_length": 64,
+         "optimizer": {"lr": 1e-3}, **train}
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "matrix": {"base": "base", "models": models},
+                                 "train": t}))
+    return p
+
+
+def test_tso_train_command_local_writes_version_dir_metrics_and_plot(tmp_path, tiny_model_dir, pairs_file):
+    cfg = _config_yaml(tmp_path, tiny_model_dir)
+    proc = subprocess.run([sys.executable, "-m", "tso.cli", "train", str(cfg), "--pairs", str(pairs_file), "--local",
+                           "--engine", "torch", "--stage", "2"], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run" / "train" / "stage2"
+    assert f"policy:  {out / 'policy'}" in proc.stdout
+    assert "[stage 2] step 1/" in proc.stdout and "loss 0.6931" in proc.stdout  # per-step progress
+    lineage = json.loads((out / "policy" / "lineage.json").read_text())
+    assert lineage["stage"] == 2 and lineage["base_name"] == "base" and lineage["data"] == str(pairs_file)
+    from tso.config import load_config
+
+    assert lineage["config_hash"] == load_config(cfg).config_hash()
+    assert (out / "training.png").is_file() and len(read_steps(out / "metrics.jsonl")) == 2 * 4
+
+    # bad input: a clear error and exit status 2, no stack trace
+    small = _config_yaml(tmp_path, tiny_model_dir, global_batch=64, micro_batch=8)
+    bad = subprocess.run([sys.executable, "-m", "tso.cli", "train", str(small), "--pairs", str(pairs_file), "--local",
+                          "--engine", "torch", "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                         timeout=240, cwd=REPO)
+    assert bad.returncode == 2 and "fewer than one optimizer step" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "tso.cli", "train", str(cfg), "--pairs", str(tmp_path / "no.parquet"),
+                              "--local"], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert missing.returncode == 2 and "no.parquet: no such pairs file" in missing.stderr

@@ -62,7 +62,13 @@ class TokenizeReport:
 
 
 def read_pairs(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a pairs Parquet file (id, prompt, chosen, rejected; other columns are kept but unused)."""
+    """Rows of a pairs Parquet file: id, prompt, chosen, rejected (provenance columns are ignored).
+
+    When the file has a ``prompt_messages`` column (the chat the models saw, as JSON, written by
+    tso.pairs), a row's prompt is that chat, so the policy is trained on the context its responses
+    were sampled in; ``prompt`` (flat text for reading) is the fallback."""
+    import json
+
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -72,7 +78,18 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
     missing = [c for c in REQUIRED_PAIR_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: pairs file lacks column(s) {missing} (has {table.column_names})")
-    return table.select(list(REQUIRED_PAIR_COLUMNS)).to_pylist()
+    columns = list(REQUIRED_PAIR_COLUMNS) + (["prompt_messages"] if "prompt_messages" in table.column_names else [])
+    rows = table.select(columns).to_pylist()
+    for row in rows:
+        chat = row.pop("prompt_messages", None)
+        if isinstance(chat, str) and chat:
+            try:
+                messages = json.loads(chat)
+            except json.JSONDecodeError:
+                messages = None  # left to the row check below: the flat prompt is used
+            if isinstance(messages, list) and messages:
+                row["prompt"] = messages
+    return rows
 
 
 # ----------------------------------------------------------------------------- tokenizing

@@ -26,6 +26,7 @@ class Engine:
     module: torch.nn.Module
     grad_accum: int
     kind: str
+    autocast_dtype: torch.dtype | None = None  # mixed precision by autocast (plain engine on GPU)
 
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> None: ...
@@ -61,6 +62,8 @@ class TorchEngine(Engine):
         self.scheduler = build_scheduler(self.optimizer, train.optimizer, total_steps)
         self._micro = 0
         self._norm: float | None = None
+        # on GPU: fp32 weights and Adam states, bf16 compute (DeepSpeed's engine keeps bf16 weights instead)
+        self.autocast_dtype = torch.bfloat16 if next(model.parameters()).is_cuda else None
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()

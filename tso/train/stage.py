@@ -76,6 +76,8 @@ def device_for(train: TrainConfig) -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError("train.use_gpu is set but no CUDA device is visible")
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():  # one visible device per worker
+            local = 0
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
