@@ -69,7 +69,7 @@ def _judge_int(task: dict, text: str) -> Judged | None:
     value = int(cand)
     if value == ans:
         return cand, 10.0, True
-    return cand, _wrong(1.0 - abs(value - ans) / max(3.0, 0.1 * abs(ans))), True  # off by 1: 5.0
+    return cand, _wrong(1.0 - abs(value - ans) / max(3.0, 0.1 * abs(ans))), True  # off by 1: 5.0 (5.3 for 68)
 
 
 # Words of chatter ("The answer is ...", "Let me know ...") are not answer candidates.
