@@ -51,8 +51,8 @@ def _metric(name: str, description: str):
 
 
 def connect_ray(num_cpus: int = 8) -> bool:
-    """Join the cluster this driver was submitted to (RAY_ADDRESS / `ray start`), else start a local one.
-    Returns True when it started its own cluster."""
+    """Join the cluster named by RAY_ADDRESS (set for `ray job submit` drivers), else start a local one
+    with more logical CPUs than cores. Returns True when it started its own cluster."""
     import ray
 
     if ray.is_initialized():
@@ -60,15 +60,11 @@ def connect_ray(num_cpus: int = 8) -> bool:
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if os.environ.get("TSO_HOME"):
         env["TSO_HOME"] = os.environ["TSO_HOME"]
-    if os.environ.get("RAY_ADDRESS"):  # a `ray job submit` driver: the job's runtime env applies
+    if os.environ.get("RAY_ADDRESS"):  # a `ray job submit` driver (or RAY_ADDRESS=auto): join that cluster
         ray.init(log_to_driver=True)
         return False
-    try:
-        ray.init(address="auto", runtime_env={"env_vars": env})
-        return False
-    except ConnectionError:
-        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True)
-        return True
+    ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True)
+    return True
 
 
 # ----------------------------------------------------------------------------- matrix bookkeeping
