@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -78,13 +79,27 @@ def micro_config(home: Path, run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    """A head node of its own: `ray start --block` in a new process group, stopped by signalling that
+    group (`ray stop` would stop every Ray cluster on the machine, the test session's included)."""
     home = tmp_path_factory.mktemp("home")
     env = _env(home)
-    _ray("stop", "--force", env=env, check=False)
-    _ray("start", "--head", f"--port={GCS_PORT}", f"--dashboard-port={DASH_PORT}", "--num-cpus=8",
-         "--include-dashboard=true", "--disable-usage-stats", env=env)
-    yield home, env
-    _ray("stop", "--force", env=env, check=False)
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={GCS_PORT}", f"--dashboard-port={DASH_PORT}",
+         "--num-cpus=8", "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    env["RAY_ADDRESS"] = ADDRESS
+    try:
+        yield home, env
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
 
 
 def _submit(env, cfg_path: Path, wait: bool) -> str:

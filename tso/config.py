@@ -125,6 +125,7 @@ class JudgeTrainConfig(_Section):
     micro_batch: int = Field(8, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_examples: int | None = Field(None, ge=1)
+    max_length: int = Field(1024, ge=8, description="Longer feedback examples are reported and left out.")
 
 
 class JudgeConfig(_Section):

@@ -125,7 +125,7 @@ def judge_train_config(cfg: RunConfig) -> TrainConfig:
     t, j = cfg.train, cfg.judge.train
     data = t.model_dump()
     data.update(global_batch=j.global_batch, micro_batch=j.micro_batch, epochs=j.epochs, minibatches=1,
-                reference="policy")
+                reference="policy", max_length=j.max_length)
     data["optimizer"].update(lr=j.lr, warmup_ratio=j.warmup_ratio)
     return TrainConfig.model_validate(data)
 
