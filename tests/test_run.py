@@ -91,6 +91,18 @@ def head(tmp_path_factory):
     )
     env["RAY_ADDRESS"] = ADDRESS
     try:
+        import httpx
+
+        deadline = time.time() + 180
+        while True:  # the job server answers once the dashboard is up
+            try:
+                if httpx.get(f"{ADDRESS}/api/version", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "ray start --head exited"
+            assert time.time() < deadline, "the head node's dashboard never came up"
+            time.sleep(1)
         yield home, env
     finally:
         for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
@@ -110,7 +122,7 @@ def _submit(env, cfg_path: Path, wait: bool) -> str:
     for _ in range(60):  # right after `ray start` the job agent may not be up yet
         proc = _ray(*args, "--", "tso", "run", str(cfg_path), env=env, timeout=1500, check=False)
         out = proc.stdout + proc.stderr
-        if "No available agent" not in out:
+        if "No available agent" not in out and "Connection refused" not in out:
             break
         time.sleep(2)
     job_id = next((w.strip("'\"") for w in out.split() if w.strip("'\"").startswith("raysubmit_")), None)
