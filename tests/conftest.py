@@ -40,10 +40,16 @@ def ray_cluster():
             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
         )
     yield ray
-    try:
-        from ray import serve
+    if ray.is_initialized():  # a `last` test may have shut it down already
+        try:
+            from ray import serve
 
-        serve.shutdown()
-    except Exception:
-        pass
-    ray.shutdown()
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `last` run after all others (they stop Ray clusters machine-wide)."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.last]
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -79,39 +78,20 @@ def micro_config(home: Path, run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A head node of its own: `ray start --block` in a new process group, stopped by signalling that
-    group (`ray stop` would stop every Ray cluster on the machine, the test session's included)."""
+    """A head node of its own (`ray start --head`). `ray stop` stops every Ray cluster on the machine,
+    so this module runs last (marker `last`, ordered in conftest.py) and leaves the session's first."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
     home = tmp_path_factory.mktemp("home")
     env = _env(home)
-    env.pop("RAY_ADDRESS")
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={GCS_PORT}", f"--dashboard-port={DASH_PORT}",
-         "--num-cpus=8", "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    env["RAY_ADDRESS"] = ADDRESS
+    _ray("start", "--head", f"--port={GCS_PORT}", f"--dashboard-port={DASH_PORT}", "--num-cpus=8",
+         "--include-dashboard=true", "--disable-usage-stats", env=env)
     try:
-        import httpx
-
-        deadline = time.time() + 180
-        while True:  # the job server answers once the dashboard is up
-            try:
-                if httpx.get(f"{ADDRESS}/api/version", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "ray start --head exited"
-            assert time.time() < deadline, "the head node's dashboard never came up"
-            time.sleep(1)
         yield home, env
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        _ray("stop", "--force", env=env, check=False)
 
 
 def _submit(env, cfg_path: Path, wait: bool) -> str:
