@@ -141,7 +141,7 @@ def train_step(cfg: RunConfig, stage: int, pairs: Path, base_path: str, out_dir:
 
 
 def run_stages(
-    cfg: RunConfig, run_dir: Path, timer: Timer, prefix: str = "tso", deploy_app: bool = True
+    cfg: RunConfig, run_dir: Path, timer: Timer, prefix: str = "tso", deploy_app: bool = True, serve_last: bool = True
 ) -> tuple[RunConfig, list[str]]:
     """Stages 1..T over a config whose judge is settled; returns the final config and the policies."""
     from tso.serving.app import deploy
@@ -159,7 +159,7 @@ def run_stages(
         policy = train_step(cfg, t, pairs, base_path, stage_dir / "train", timer)
         policies.append(policy)
         cfg = register_policy(cfg, t, policy, prefix)
-        if t < cfg.stages or deploy_app:
+        if t < cfg.stages or serve_last:
             # the new version gets its own deployment and the policy deployment now serves it
             timer.run(f"stage {t}: register {cfg.matrix.base} and hot-swap the policy", deploy, cfg)
     return cfg, policies
@@ -209,7 +209,7 @@ def run_pipeline(
             for ref in cfg.baselines:
                 bcfg = baseline_config(ref, cfg, judge_path, run_dir)
                 Path(bcfg.run_dir).mkdir(parents=True, exist_ok=True)
-                _, bpolicies = run_stages(bcfg, Path(bcfg.run_dir), timer, prefix=bcfg.name, deploy_app=True)
+                _, bpolicies = run_stages(bcfg, Path(bcfg.run_dir), timer, prefix=bcfg.name, serve_last=False)
                 models[bcfg.name] = bpolicies[-1]
                 from tso.serving.app import deploy
 
