@@ -19,6 +19,7 @@ from tests.test_engines import JUDGE_RUBRICS, train_tiny_judge
 from tso.config import parse_config
 from tso.method.sources import HUMAN, row_seed
 from tso.pairs.pipeline import PairJob, _plan_row, form_pairs_step
+from tso.pairs.prompts import as_chat
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -137,12 +138,12 @@ def test_provenance_matches_what_each_source_generates(first_run, app, prompts_f
         else:
             assert r["chosen_source"] == "c"
             again = serve.get_deployment_handle("model-c", APP).generate.remote(
-                {"prompt": r["prompt"], "n": 1, "seed": row_seed(7, 1, r["id"], "pos0"), **sampling}).result()
+                {"prompt": as_chat(r["prompt"]), "n": 1, "seed": row_seed(7, 1, r["id"], "pos0"), **sampling}).result()
             assert again["texts"][0] == r["chosen"]
             checked["model"] += 1
         assert r["rejected_source"] in ("a1", "a2")
         again = serve.get_deployment_handle(f"model-{r['rejected_source']}", APP).generate.remote(
-            {"prompt": r["prompt"], "n": 1, "seed": row_seed(7, 1, r["id"], "neg0"), **sampling}).result()
+            {"prompt": as_chat(r["prompt"]), "n": 1, "seed": row_seed(7, 1, r["id"], "neg0"), **sampling}).result()
         assert again["texts"][0] == r["rejected"]
         checked["neg"] += 1
         if humans.get(r["id"]) is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from tso.method.pairing import Candidate, PairRules, form_pairs, tries_self_pair
 from tso.method.sources import HUMAN, Mixtures, draw_source, row_rng, row_seed
 from tso.pairs.backends import POLICY, Backend
+from tso.pairs.prompts import as_chat
 
 SCORE_BINS = [2, 3, 4, 5, 6, 7, 8, 9, 10]
 
@@ -79,10 +80,10 @@ def form_batch(job: PairJob, rows: list[dict], backend: Backend) -> list[dict]:
         for kind in ("pos", "neg"):
             for k, (src, s) in enumerate(plan[kind]):
                 if src != HUMAN:
-                    gen_requests.append((src, {"prompt": row["prompt"], "n": 1, "seed": s, **job.sampling}))
+                    gen_requests.append((src, {"prompt": as_chat(row["prompt"]), "n": 1, "seed": s, **job.sampling}))
                     slots.append((i, kind, k))
         if plan["try_self"]:
-            req = {"prompt": row["prompt"], "n": job.n_self, "seed": plan["self_seed"], **job.sampling}
+            req = {"prompt": as_chat(row["prompt"]), "n": job.n_self, "seed": plan["self_seed"], **job.sampling}
             gen_requests.append((POLICY, req))
             slots.append((i, "self", 0))
     generated = backend.generate(gen_requests) if gen_requests else []

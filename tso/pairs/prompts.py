@@ -35,6 +35,12 @@ def prompt_text(prompt) -> str:
     return "\n".join(m["content"] for m in prompt)
 
 
+def as_chat(prompt) -> list[dict]:
+    """Prompts are instructions: a plain string is one user turn, so every engine renders it with the
+    model's chat template, as training does (never as raw text to continue)."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
 def _check_prompt(prompt) -> str | None:
     if prompt is None:
         return "missing_prompt"

@@ -19,7 +19,10 @@ def _generate_answers(engine_cfg: dict, path: str, rows: list[dict], sampling: d
     from tso.engines.requests import generate_requests
 
     engine = make_engine(EngineConfig.model_validate(engine_cfg), path)
-    requests = [{"prompt": r["prompt"], "n": 1, "seed": row_seed(seed, 0, r["id"], "eval"), **sampling} for r in rows]
+    from tso.pairs.prompts import as_chat
+
+    requests = [{"prompt": as_chat(r["prompt"]), "n": 1, "seed": row_seed(seed, 0, r["id"], "eval"), **sampling}
+                for r in rows]
     out: list[str] = []
     step = max(1, engine_cfg.get("max_batch_size", 16))
     for i in range(0, len(requests), step):
