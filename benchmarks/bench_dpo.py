@@ -132,7 +132,8 @@ def run_tso(spec: dict[str, Any]) -> dict[str, Any]:
     assert rep.kept == rep.total, rep.summary()
     plan = plan_stage(len(pairs), train, stage=1)
     engine = make_engine(spec["engine"], model, train, plan.total_steps, use_gpu=spec["gpu"])
-    metrics_path = Path(spec["workdir"]) / f"{spec['name']}.jsonl"
+    metrics_path = Path(spec["result"]).with_suffix(".metrics.jsonl")  # one file per run
+    metrics_path.unlink(missing_ok=True)
     _sync()
     t0 = time.perf_counter()
     res = run_minibatch_dpo(engine, pairs, train, pad_id=tok.pad_token_id, stage=1, plan=plan,
@@ -367,6 +368,7 @@ def main(argv=None) -> int:
                  "threads": args.threads, "zero_stage": args.zero_stage, "lr": args.lr, "gpu": gpu,
                  "n_params": n_params, "peak_flops": peak}
     repeats = args.repeats or (1 if args.quick else 3)
+    machine = machine_info(gpu)  # before the runs: the load average it records is the starting one
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     print(f"[bench_dpo] shape {args.shape}: {n_params / 1e6:.2f}M params, {G} pairs/step x ({shape['prompt']} + "
           f"{shape['response']}) tokens, K={K} E={E}, {steps_total} steps ({warmup} warm-up), {args.threads} threads",
@@ -438,7 +440,7 @@ def main(argv=None) -> int:
                      "warmup_steps": warmup, "pairs": n_pairs, "threads": args.threads, "zero_stage": args.zero_stage,
                      "lr": args.lr, "loss": "dpo (sigmoid), beta 0.1", "repeats": repeats,
                      "processes": "one per run, 1 worker each, configurations interleaved round-robin"},
-        "machine": machine_info(gpu),
+        "machine": {**machine, "load_avg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "baseline": "trl_tuned",
         "configurations": results,
         "ratios": ratios,

@@ -43,6 +43,8 @@ def test_bench_dpo_quick_writes_comparison_json(tmp_path):
     assert configs["tso_deepspeed"]["engine"] == "deepspeed" and configs["tso_torch"]["engine"] == "torch"
     for name, r in configs.items():
         assert len(r["step_times_s"]) == r["timed_steps"] and r["pairs_per_s_p25_steps"] > 0, name
+        assert r["window_s"] > 0 and all(t > 0 for t in r["step_times_s"]), name
+        assert r["pairs_per_s"] <= r["pairs_per_s_steps_only"] * (1 + 1e-9), name  # reference work only adds time
     assert set(report["ratios_p25_steps"]) == set(report["ratios"])
     r = report["ratios"]["tso_deepspeed_vs_trl_tuned"]
     assert r == pytest.approx(configs["tso_deepspeed"]["pairs_per_s"] / configs["trl_tuned"]["pairs_per_s"])

@@ -349,6 +349,29 @@ def test_bearer_token_auth_on_and_off(app, cfg, model_dirs, monkeypatch):
     assert served_checkpoints(cfg)["policy"] == model_dirs["stage1"]  # redeploys kept the swapped weights
 
 
+def test_registering_a_stage_policy_restarts_no_replica(app, cfg, model_dirs, client):
+    """What `tso run` does after each stage: the policy joins the matrix as the newest version and becomes
+    the base. Roles, versions and weights are user_config, so only the new deployment starts."""
+    from tso.run.pipeline import register_policy
+    from tso.serving.app import deploy, model_deployment_name, served_checkpoints
+
+    before, served = replicas(cfg), served_checkpoints(cfg)
+    staged = register_policy(cfg, 1, model_dirs["stage1"])
+    deploy(staged, checkpoints={"judge": served["judge"]}, port=PORT)
+    try:
+        after = replicas(staged)
+        assert {k: after[k] for k in before} == before  # nothing restarted
+        assert set(after) - set(before) == {model_deployment_name("tso-1")}
+        models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        assert models["tso-1"]["role"] == "base" and models["tso-1"]["version"] == 2
+        assert models["base"]["role"] == "negative" and models["old"]["role"] == "negative"
+        assert models["policy"]["checkpoint"] == model_dirs["stage1"] and models["policy"]["base"] == "tso-1"
+        assert models["judge"]["checkpoint"] == model_dirs["judge"]
+    finally:
+        deploy(cfg, checkpoints=served, port=PORT)
+    assert replicas(cfg) == before  # and back: tso-1 removed, the others reconfigured
+
+
 # ----------------------------------------------------------------------------- the Serve config file
 
 

@@ -12,8 +12,10 @@ tso.serving.app:app_from_config`` with ``args: {config: builtin:demo}`` (or a pa
 Deployments are ordinary Serve deployments (they show in the Ray dashboard): ``model-<name>`` per
 matrix entry, ``policy`` and ``judge`` (handle-level API: ``tso.serving.deployments``) and
 ``ingress`` (REST: ``tso.serving.ingress``). Each gets a deterministic Serve version computed from its
-code and constructor arguments, so redeploying with only ``user_config={"checkpoint": ...}`` changed
-is a light update: Serve calls ``reconfigure`` on the running replicas instead of restarting them.
+code and constructor arguments (name, engine, sampling, judge rubrics). What a stage
+changes, the weights served and the matrix facts (role, version, base), is the ``user_config``, so
+registering a new policy restarts nothing: Serve calls ``reconfigure`` on the running replicas and only
+the new version's deployment (and the ingress, which routes to it) starts.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _with_version(deployment, version: str):
         return deployment
 
 
-def _options(name: str, engine, resources, checkpoint: str) -> dict:
+def _options(name: str, engine, resources, user_config: dict | str) -> dict:
     actor = {
         "num_cpus": resources.num_cpus,
         "num_gpus": resources.num_gpus,
@@ -85,7 +87,7 @@ def _options(name: str, engine, resources, checkpoint: str) -> dict:
         "ray_actor_options": actor,
         # a batch can only be as large as the requests a replica accepts at once
         "max_ongoing_requests": max(resources.max_ongoing_requests, engine.max_batch_size),
-        "user_config": {"checkpoint": checkpoint},
+        "user_config": user_config if isinstance(user_config, dict) else {"checkpoint": user_config},
         "health_check_period_s": 10,
         "health_check_timeout_s": 120,  # a health check waits for the running batch (deployments.py)
         "graceful_shutdown_timeout_s": 30,
@@ -141,20 +143,19 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
         dep = model_deployment_name(m.name)
         if dep not in wanted:
             continue
-        kwargs = dict(name=m.name, deployment=dep, role=roles[m.name], path=m.path,
-                      engine=m.engine.model_dump(), sampling=sampling, version=m.version, size=m.size,
-                      base=cfg.matrix.base, base_path=base.path)
-        d = serve.deployment(ModelServer).options(**_options(dep, m.engine, m.resources,
-                                                             checkpoints.get(dep, m.path)))
+        kwargs = dict(name=m.name, deployment=dep, engine=m.engine.model_dump(), sampling=sampling, size=m.size)
+        state = dict(checkpoint=checkpoints.get(dep, m.path), path=m.path, role=roles[m.name], version=m.version,
+                     base=cfg.matrix.base, base_path=base.path)
+        d = serve.deployment(ModelServer).options(**_options(dep, m.engine, m.resources, state))
         models[m.name] = _with_version(d, _version(dep, kwargs)).bind(**kwargs)
 
     policy = None
     if "policy" in wanted:
-        kwargs = dict(name="policy", deployment="policy", role="policy", path=base.path,
-                      engine=base.engine.model_dump(), sampling=sampling, version=None, size=base.size,
-                      base=base.name, base_path=base.path)
-        d = serve.deployment(ModelServer).options(**_options("policy", base.engine, base.resources,
-                                                             checkpoints.get("policy", base.path)))
+        kwargs = dict(name="policy", deployment="policy", engine=base.engine.model_dump(), sampling=sampling,
+                      size=base.size)
+        state = dict(checkpoint=checkpoints.get("policy", base.path), path=base.path, role="policy", version=None,
+                     base=base.name, base_path=base.path)
+        d = serve.deployment(ModelServer).options(**_options("policy", base.engine, base.resources, state))
         policy = _with_version(d, _version("policy", kwargs)).bind(**kwargs)
 
     judge = None
@@ -164,12 +165,12 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
         judge_path = base.path if uncorrected else judge_cfg.path
         if not (Path(judge_path) / "config.json").is_file():
             raise ConfigError(source, "judge.path", f"no model directory at {judge_path} (train the judge first)")
-        kwargs = dict(name="judge", deployment="judge", role="judge", path=judge_path,
-                      engine=judge_cfg.engine.model_dump(), sampling=judge_cfg.sampling.model_dump(), version=None,
-                      size=base.size, base=base.name, base_path=base.path, judge=judge_cfg.model_dump(),
+        kwargs = dict(name="judge", deployment="judge", engine=judge_cfg.engine.model_dump(),
+                      sampling=judge_cfg.sampling.model_dump(), size=base.size, judge=judge_cfg.model_dump(include={"dimensions", "rubrics", "sampling"}),
                       seed=cfg.seed)
-        d = serve.deployment(JudgeServer).options(**_options("judge", judge_cfg.engine, judge_cfg.resources,
-                                                             checkpoints.get("judge", judge_path)))
+        state = dict(checkpoint=checkpoints.get("judge", judge_path), path=judge_path, role="judge", version=None,
+                     base=base.name, base_path=base.path)
+        d = serve.deployment(JudgeServer).options(**_options("judge", judge_cfg.engine, judge_cfg.resources, state))
         judge = _with_version(d, _version("judge", kwargs)).bind(**kwargs)
         if uncorrected:
             logger.warning("judge.path is not set: serving the base model %s as the uncorrected judge", base.path)

@@ -48,7 +48,9 @@ least ``max_batch_size``) and generated in one engine call on the replica's even
 arriving meanwhile queue in Serve and form the next batch (see ``_generate_batch`` for why not a
 thread).
 
-Hot-swap: ``user_config={"checkpoint": "<model dir>"}`` (``tso.serving.app.swap_checkpoint``).
+Hot-swap: ``user_config={"checkpoint": "<model dir>", ...}`` (``tso.serving.app.swap_checkpoint``); the
+other keys (configured path, role, matrix version, base) change when a stage registers a new policy,
+also without a restart.
 ``reconfigure`` loads the new weights on a thread while batches keep running on the old ones, then
 switches in one assignment: a batch that started before runs on the old weights, every later batch
 on the new ones, and each result reports the checkpoint that produced it.
@@ -71,19 +73,22 @@ from tso.serving.judge import JudgeScorer
 
 logger = logging.getLogger("ray.serve")
 
+# user_config: the weights served now and the matrix facts a stage changes (tso.serving.app builds it)
+USER_CONFIG_KEYS = {"checkpoint", "path", "role", "version", "base", "base_path"}
+
 
 class ModelServer:
     """One model behind Serve: batched generation, hot-swappable weights."""
 
-    def __init__(self, *, name: str, deployment: str, role: str, path: str, engine: dict, sampling: dict,
-                 version: int | None = None, size: float | None = None, base: str | None = None,
-                 base_path: str | None = None):
-        self.name, self.deployment, self.role = name, deployment, role
-        self.path, self.version, self.size = path, version, size
-        self.base, self.base_path = base, base_path
+    def __init__(self, *, name: str, deployment: str, engine: dict, sampling: dict, size: float | None = None):
+        # Only what needs a new replica is a constructor argument (it is hashed into the Serve version);
+        # what a stage changes (weights, role, base) is user_config, applied by `reconfigure`, which Serve
+        # also calls once right after construction.
+        self.name, self.deployment, self.size = name, deployment, size
+        self.role, self.path, self.version, self.base, self.base_path = "none", None, None, None, None
         self.engine_cfg = EngineConfig.model_validate(engine)
         self.sampling = SamplingConfig.model_validate(sampling)
-        self.engine = make_engine(self.engine_cfg, path)
+        self.engine = None
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{deployment}-load")
         self._generate_batch.set_max_batch_size(self.engine_cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.engine_cfg.batch_wait_timeout_s)
@@ -92,22 +97,35 @@ class ModelServer:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve
             self.replica = ""
-        logger.info("%s serving %s (%s engine, context %d)", deployment, path, self.engine.name,
-                    self.engine.max_context)
 
     # -- hot-swap
 
     async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         user_config = dict(user_config or {})
-        unknown = set(user_config) - {"checkpoint"}
+        unknown = set(user_config) - USER_CONFIG_KEYS
         if unknown:
-            raise ValueError(f"{self.deployment}: unknown user_config keys {sorted(unknown)} (have: checkpoint)")
+            raise ValueError(f"{self.deployment}: unknown user_config keys {sorted(unknown)} "
+                             f"(have: {', '.join(sorted(USER_CONFIG_KEYS))})")
+        for key in ("role", "path", "version", "base", "base_path"):
+            if key in user_config:
+                setattr(self, key, user_config[key])
         checkpoint = user_config.get("checkpoint") or self.path
+        if not checkpoint:
+            raise ValueError(f"{self.deployment}: user_config names no checkpoint and no path")
+        if self.engine is None:  # replica start: no request can arrive before this returns
+            self.engine = make_engine(self.engine_cfg, checkpoint)
+            self._engine_started()
+            logger.info("%s serving %s (%s engine, context %d)", self.deployment, checkpoint, self.engine.name,
+                        self.engine.max_context)
+            return
         if checkpoint == self.engine.checkpoint:
             return
         logger.info("%s: loading %s (serving %s meanwhile)", self.deployment, checkpoint, self.engine.checkpoint)
         await asyncio.get_running_loop().run_in_executor(self._load_pool, self.engine.load, checkpoint)
         logger.info("%s: now serving %s", self.deployment, checkpoint)
+
+    def _engine_started(self) -> None:
+        """Called once, when the first checkpoint is loaded."""
 
     # -- generation
 
@@ -179,7 +197,7 @@ class ModelServer:
         return out
 
     async def check_health(self) -> None:
-        if not self.engine.checkpoint:
+        if self.engine is None or not self.engine.checkpoint:
             raise RuntimeError("no model loaded")
 
 
@@ -188,7 +206,11 @@ class JudgeServer(ModelServer):
 
     def __init__(self, *, judge: dict, seed: int, **kwargs):
         super().__init__(**kwargs)
-        self.scorer = JudgeScorer(JudgeConfig.model_validate(judge), self.engine, seed=seed)
+        self.judge_cfg, self.seed = JudgeConfig.model_validate(judge), seed
+        self.scorer: JudgeScorer | None = None
+
+    def _engine_started(self) -> None:
+        self.scorer = JudgeScorer(self.judge_cfg, self.engine, seed=self.seed)
 
     async def score(self, request: dict) -> dict:
         call, dims, encoded = self.scorer.prepare(request)

@@ -108,6 +108,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         ensure_process_group(use_gpu if use_gpu is not None else train.use_gpu)
+        warn_stale_op_locks()
         self.config = deepspeed_config(train, world_size=dist.world_size(), use_gpu=use_gpu)
         optimizer = build_optimizer(model, train.optimizer)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -155,6 +156,22 @@ class DeepSpeedEngine(Engine):
 
     def eval(self) -> None:
         self.engine.eval()
+
+
+def warn_stale_op_locks(max_age_s: float = 600.0) -> list[str]:
+    """DeepSpeed JIT-builds its ops with torch's cpp_extension, which waits forever on the build directory's
+    ``lock`` file. A build killed half-way leaves that file behind and every later ``deepspeed.initialize``
+    hangs; say so (a build takes 1-2 minutes, so an old lock is a stale one). Returns the stale locks."""
+    import glob
+    import sys
+    import time
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    stale = [p for p in glob.glob(os.path.join(root, "*", "*", "lock")) if time.time() - os.path.getmtime(p) > max_age_s]
+    for p in stale:
+        print(f"warning: {p} is {int(time.time() - os.path.getmtime(p))} s old: a DeepSpeed op build was probably killed; "
+              "loading the op will wait on it forever. Delete it if no build is running.", file=sys.stderr, flush=True)
+    return stale
 
 
 def free_port() -> int:

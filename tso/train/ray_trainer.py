@@ -30,6 +30,7 @@ from tso.train.judge_sft import JudgeJob, judge_train_config, run_judge_worker
 from tso.train.stage import PolicyJob, TrainResult, result_from_dir, run_policy_worker
 
 DEFAULT_MAX_FAILURES = 2
+WORKER_START_TIMEOUT_S = 300
 
 
 class _RayReport:
@@ -109,6 +110,9 @@ def _fit(loop, job, train, storage: Path, name: str, max_failures: int, env: dic
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
+    # Worker start (torch, transformers, DeepSpeed imports) can outlast Ray Train's 60 s default on a busy
+    # small machine; the driver's value propagates to the controller. An explicit setting wins.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
     if not ray.is_initialized():
         ray.init()
     trainer = TorchTrainer(

@@ -9,6 +9,7 @@ all (a few floats per pair), whatever slice of each step it later trains on.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -25,21 +26,31 @@ RefLogps = dict[str, tuple[float, float]]  # pair id -> (chosen, rejected) summe
 def reference_logprobs(module, pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int,
                        batch_pairs: int, autocast_dtype: torch.dtype | None = None) -> RefLogps:
     """Log-probs of ``pairs[indices]`` under ``module`` in eval mode; sharded over workers, then gathered."""
-    mine = list(indices)[dist.rank():: dist.world_size()]
+    world = dist.world_size()
+    mine = list(indices)[dist.rank():: world]
+    chunks = length_sorted_chunks(pairs, mine, batch_pairs)
+    # every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in each one)
+    per_rank = math.ceil(math.ceil(len(indices) / world) / batch_pairs)
+    padding = per_rank - len(chunks)
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
     out: RefLogps = {}
+
+    def forward(chunk):
+        batch = collate_pair_batch(pairs, chunk, pad_id).to(device)
+        if autocast_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype):
+                return pair_logprobs(module, batch)
+        return pair_logprobs(module, batch)
+
     try:
-        for chunk in length_sorted_chunks(pairs, mine, batch_pairs):
-            batch = collate_pair_batch(pairs, chunk, pad_id).to(device)
-            if autocast_dtype is not None:
-                with torch.autocast(device_type=device.type, dtype=autocast_dtype):
-                    chosen, rejected = pair_logprobs(module, batch)
-            else:
-                chosen, rejected = pair_logprobs(module, batch)
+        for chunk in chunks:
+            chosen, rejected = forward(chunk)
             for i, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
                 out[pairs[i].id] = (c, r)
+        for _ in range(padding):
+            forward([indices[0]])  # results discarded
     finally:
         module.train(was_training)
     merged: RefLogps = {}

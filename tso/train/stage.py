@@ -115,6 +115,9 @@ def run_policy_worker(job: PolicyJob, report=None, resume_dir: str | Path | None
     if not pairs:
         raise ValueError(f"{job.pairs_path}: no trainable pairs ({rep.summary()})")
     plan = plan_stage(len(pairs), train, job.stage)
+    if train.reference == "frozen_copy" and train.zero_stage == 3 and job.engine == "deepspeed":
+        raise ValueError("train.reference = frozen_copy is not supported with ZeRO stage 3 (the copy would need "
+                         "the gathered weights at every boundary); use reference: policy or zero_stage <= 2")
     ref_module = make_frozen_copy(model) if train.reference == "frozen_copy" else None
     engine = make_engine(job.engine, model, train, plan.total_steps)
     resume = None
