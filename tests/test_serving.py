@@ -256,6 +256,15 @@ def test_handle_api_including_streams_and_errors(app, model_dirs):
     with pytest.raises(PromptTooLongError) as err:
         handle("judge").score.remote({"prompt": "q" * 2000, "response": "a"}).result()
     assert err.value.limit == 1024
+    # many requests in one call: the same answers, in order, as one call each
+    reqs = [{"prompt": f"hi {i}", "seed": i, "max_new_tokens": 6, "temperature": 1.0} for i in range(5)]
+    many = handle("model-old").generate_many.remote(reqs).result()
+    assert many == [handle("model-old").generate.remote(r).result() for r in reqs]
+    scores = [{"prompt": f"{i}+1?", "response": str(i + 1)} for i in range(3)]
+    assert handle("judge").score_many.remote(scores).result() == [handle("judge").score.remote(r).result()
+                                                                  for r in scores]
+    with pytest.raises(EngineInputError):
+        handle("model-old").generate_many.remote([reqs[0], {"prompt": "hi", "temperature": -1}]).result()
 
 
 # ----------------------------------------------------------------------------- hot-swap

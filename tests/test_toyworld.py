@@ -244,3 +244,26 @@ def test_feedback_rejects_bad_settings_and_rows(tmp_path):
     bad.write_text('{"id": "x"}\n')
     with pytest.raises(ValueError, match="row 1: missing fields"):
         read_feedback_jsonl(bad)
+
+
+def test_chatter_keeps_the_answer_right_and_costs_conciseness():
+    """The zoo's chatty SFT targets (tso.toyworld.style): the verifier still finds the right answer
+    behind every filler prefix, in every family, and scores it below the bare answer."""
+    from tso.toyworld.style import CHATTER_PREFIXES, chatty, styled_answer
+    from tso.toyworld.tasks import FAMILIES, generate_tasks
+    from tso.toyworld.verifier import verify, verify_dimensions
+
+    tasks = generate_tasks("eval", 140, 0)
+    assert {t["family"] for t in tasks} == set(FAMILIES)
+    for t in tasks:
+        for prefix in CHATTER_PREFIXES:
+            dims = verify_dimensions(t, prefix + t["answer"])
+            assert dims["correctness"] == 10.0, (t, prefix)
+            assert 7.5 <= verify(t, prefix + t["answer"]) <= 8.5 < verify(t, t["answer"]) == 10.0
+        assert chatty(t["answer"], t["id"], 0).endswith(t["answer"])
+    # the share of chatty targets follows the rate; a task chatty at a low rate is chatty at a higher one
+    pool = [{**t, "human": t["answer"]} for t in generate_tasks("train", 2000, 0)]
+    chatty_at = {r: {t["id"] for t in pool if styled_answer(t, r, 0) != t["human"]} for r in (0.0, 0.4, 0.8)}
+    assert chatty_at[0.0] == set()
+    assert abs(len(chatty_at[0.4]) / len(pool) - 0.4) < 0.04 and abs(len(chatty_at[0.8]) / len(pool) - 0.8) < 0.04
+    assert chatty_at[0.4] <= chatty_at[0.8]

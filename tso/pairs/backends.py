@@ -28,8 +28,9 @@ def deployment_name(model: str) -> str:
 class ServeBackend:
     """Deployment handles of a running tso Serve application."""
 
-    def __init__(self, app_name: str):
+    def __init__(self, app_name: str, chunk: int = 64):
         self.app_name = app_name
+        self.chunk = chunk  # requests per handle call (Serve's per-call overhead is paid per chunk)
         self._handles: dict[str, object] = {}
 
     def _handle(self, deployment: str):
@@ -40,13 +41,28 @@ class ServeBackend:
         return self._handles[deployment]
 
     def generate(self, requests: list[tuple[str, dict]]) -> list[dict]:
-        responses = [self._handle(deployment_name(model)).generate.remote(req) for model, req in requests]
-        return [r.result() for r in responses]
+        by_deployment: dict[str, list[int]] = {}
+        for i, (model, _) in enumerate(requests):
+            by_deployment.setdefault(deployment_name(model), []).append(i)
+        calls = []  # (indices, response): every chunk of every deployment in flight at once
+        for deployment, indices in by_deployment.items():
+            handle = self._handle(deployment)
+            for chunk in _chunks(indices, self.chunk):
+                calls.append((chunk, handle.generate_many.remote([requests[i][1] for i in chunk])))
+        out: list = [None] * len(requests)
+        for chunk, response in calls:
+            for i, result in zip(chunk, response.result()):
+                out[i] = result
+        return out
 
     def score(self, requests: list[dict]) -> list[dict]:
         judge = self._handle("judge")
-        responses = [judge.score.remote(req) for req in requests]
-        return [r.result() for r in responses]
+        calls = [judge.score_many.remote(chunk) for chunk in _chunks(list(requests), self.chunk)]
+        return [result for call in calls for result in call.result()]
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class LocalBackend:

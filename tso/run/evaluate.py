@@ -24,7 +24,8 @@ def _generate_answers(engine_cfg: dict, path: str, rows: list[dict], sampling: d
     requests = [{"prompt": as_chat(r["prompt"]), "n": 1, "seed": row_seed(seed, 0, r["id"], "eval"), **sampling}
                 for r in rows]
     out: list[str] = []
-    step = max(1, engine_cfg.get("max_batch_size", 16))
+    # an offline job: batch at least 64 (answers do not depend on their batch companions)
+    step = max(64, engine_cfg.get("max_batch_size", 16))
     for i in range(0, len(requests), step):
         out += [res["texts"][0] for res in generate_requests(engine, requests[i : i + step])]
     return out
@@ -77,12 +78,23 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def _stderr(xs):
+    """Standard error of the mean: sampled answers make every mean noisy, so tables show how much."""
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
+
+
 def summarize_model(records: list[dict], base_records: list[dict] | None) -> dict:
     key = "verifier" if any(r["verifier"] is not None for r in records) else "judge"
     out = {
         "n": len(records),
         "verifier_mean": _mean(r["verifier"] for r in records),
+        "verifier_se": _stderr([r["verifier"] for r in records]),
         "judge_mean": _mean(r["judge"] for r in records),
+        "judge_se": _stderr([r["judge"] for r in records]),
         "judge_unscored": sum(r["judge"] is None for r in records),
         "win_rate_key": key,
     }

@@ -26,10 +26,18 @@ from tso.io import atomic_write_json, atomic_write_text
 
 
 class Timer:
-    def __init__(self):
-        self.phases: dict[str, float] = {}
+    """Wall time per phase, printed as it goes and kept for the report. A scoped timer (a baseline's)
+    prefixes its phase names and adds to the same table."""
+
+    def __init__(self, phases: dict[str, float] | None = None, prefix: str = ""):
+        self.phases: dict[str, float] = {} if phases is None else phases
+        self.prefix = prefix
+
+    def scoped(self, prefix: str) -> Timer:
+        return Timer(self.phases, f"{self.prefix}{prefix}")
 
     def run(self, name: str, fn, *args, **kwargs):
+        name = self.prefix + name
         start = time.perf_counter()
         print(f"[tso] >>> {name}", flush=True)
         try:
@@ -209,7 +217,8 @@ def run_pipeline(
             for ref in cfg.baselines:
                 bcfg = baseline_config(ref, cfg, judge_path, run_dir)
                 Path(bcfg.run_dir).mkdir(parents=True, exist_ok=True)
-                _, bpolicies = run_stages(bcfg, Path(bcfg.run_dir), timer, prefix=bcfg.name, serve_last=False)
+                _, bpolicies = run_stages(bcfg, Path(bcfg.run_dir), timer.scoped(f"baseline {bcfg.name}: "),
+                                          prefix=bcfg.name, serve_last=False)
                 models[bcfg.name] = bpolicies[-1]
                 from tso.serving.app import deploy
 

@@ -35,17 +35,55 @@ def _model_order(label: str) -> tuple:
     return (1, 0, label)
 
 
+def _pm(mean, se) -> str:
+    return _fmt(mean) if se is None or mean is None else f"{_fmt(mean)} ± {_fmt(se)}"
+
+
 def model_table(evals: list[dict]) -> str:
     rows = [
-        "| model | verifier mean (ground truth) | judge mean | win rate vs base (verifier) | judge unscored | prompts |",
+        "| model | verifier mean ± s.e. (ground truth) | judge mean ± s.e. | win rate vs base (verifier) "
+        "| judge unscored | prompts |",
         "|---|---|---|---|---|---|",
     ]
     for e in sorted(evals, key=lambda e: _model_order(e["label"])):
         rows.append(
-            f"| {e['label']} | {_fmt(e.get('verifier_mean'))} | {_fmt(e.get('judge_mean'))} | "
+            f"| {e['label']} | {_pm(e.get('verifier_mean'), e.get('verifier_se'))} | "
+            f"{_pm(e.get('judge_mean'), e.get('judge_se'))} | "
             f"{_fmt(e.get('win_rate_vs_base'))} | {_fmt(e.get('judge_unscored', 0))} | {e.get('n', '-')} |"
         )
     return "\n".join(rows)
+
+
+def plot_models(evals: list[dict], out_path: Path) -> Path | None:
+    """Bar chart of each model's held-out means with standard errors (verifier and judge side by side)."""
+    evals = sorted(evals, key=lambda e: _model_order(e["label"]))
+    if not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [e["label"] for e in evals]
+    x = list(range(len(labels)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(labels) + 2), 4))
+    for offset, key, color in ((-0.2, "verifier", "tab:green"), (0.2, "judge", "tab:blue")):
+        means = [e.get(f"{key}_mean") for e in evals]
+        if all(m is None for m in means):
+            continue
+        ax.bar([i + offset for i in x], [m if m is not None else float("nan") for m in means], width=0.4,
+               yerr=[e.get(f"{key}_se") or 0.0 for e in evals], capsize=3, color=color,
+               label=f"{key} mean" + (" (ground truth)" if key == "verifier" else ""))
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("score (2..10)")
+    ax.set_title("held-out evaluation (error bars: standard error)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path
 
 
 def family_table(evals: list[dict]) -> str:
@@ -79,13 +117,16 @@ def stage_table(run_dir: Path) -> str:
         " accuracy | steps |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "pairs").exists()):
+    stage_dirs = sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "pairs").exists())
+    stage_dirs += sorted(p for p in run_dir.glob("baselines/*/*") if p.is_dir() and (p / "pairs").exists())
+    for d in stage_dirs:
         s = _load_json(d / "pairs" / "summary.json") or {}
         m = _last_metrics(d / "train" / "metrics.jsonl") or {}
         kinds = ", ".join(f"{k} {v}" for k, v in sorted((s.get("pair_kinds") or {}).items()))
         unscored = sum((s.get("unscored_judge_answers") or {}).values())
         rows.append(
-            f"| {d.name} | {s.get('pairs', '-')} | {kinds or '-'} | {s.get('rejected_rows', '-')} | {unscored} | "
+            f"| {d.relative_to(run_dir).as_posix()} | {s.get('pairs', '-')} | {kinds or '-'} | "
+            f"{s.get('rejected_rows', '-')} | {unscored} | "
             f"{_fmt(m.get('loss'), 4)} | {_fmt(m.get('reward_chosen'), 3)} | {_fmt(m.get('reward_rejected'), 3)} | "
             f"{_fmt(m.get('accuracy'))} | {m.get('step', '-')} |"
         )
@@ -112,6 +153,9 @@ def write_report(run_dir: str | Path) -> Path:
             model_table(evals),
             "",
         ]
+        chart = plot_models(evals, run_dir / "eval.png")
+        if chart:
+            parts += [f"![held-out evaluation]({chart.name})", ""]
         fam = family_table(evals)
         if fam:
             parts += ["Verifier mean per task family:", "", fam, ""]
@@ -119,12 +163,12 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         parts += ["No evaluation results yet.", ""]
     parts += ["## Stages", "", stage_table(run_dir), ""]
-    plots = sorted(run_dir.glob("*/train/*.png"))
+    plots = sorted(run_dir.glob("*/train/*.png")) + sorted(run_dir.glob("baselines/*/*/train/*.png"))
     if plots:
         parts += ["## Training curves", ""]
         for p in plots:
             rel = p.relative_to(run_dir)
-            parts += [f"### {rel.parts[0]}", "", f"![{rel}]({rel})", ""]
+            parts += [f"### {rel.parent.parent.as_posix()}", "", f"![{rel}]({rel.as_posix()})", ""]
     timings = meta.get("timings")
     if timings:
         parts += ["## Time per phase", "", "| phase | seconds |", "|---|---|"]

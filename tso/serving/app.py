@@ -165,9 +165,9 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
         judge_path = base.path if uncorrected else judge_cfg.path
         if not (Path(judge_path) / "config.json").is_file():
             raise ConfigError(source, "judge.path", f"no model directory at {judge_path} (train the judge first)")
+        rubrics = judge_cfg.model_dump(include={"dimensions", "rubrics", "sampling"})
         kwargs = dict(name="judge", deployment="judge", engine=judge_cfg.engine.model_dump(),
-                      sampling=judge_cfg.sampling.model_dump(), size=base.size, judge=judge_cfg.model_dump(include={"dimensions", "rubrics", "sampling"}),
-                      seed=cfg.seed)
+                      sampling=judge_cfg.sampling.model_dump(), size=base.size, judge=rubrics, seed=cfg.seed)
         state = dict(checkpoint=checkpoints.get("judge", judge_path), path=judge_path, role="judge", version=None,
                      base=base.name, base_path=base.path)
         d = serve.deployment(JudgeServer).options(**_options("judge", judge_cfg.engine, judge_cfg.resources, state))

@@ -25,6 +25,9 @@ Deployments
     scored; ``score`` is the mean of the scored ones, ``dimension`` is "mean", and ``dimensions``
     holds each one.
 
+``await handle.generate_many.remote([request, ...])`` / ``score_many``: the same for a list, in one
+    handle call (one bad request fails the call, as it would fail its own ``generate``/``score``).
+
 ``generate_stream`` / ``score_stream``: the same, as async generators yielding the one result dict
     (``ray.data.llm.ServeDeploymentProcessorConfig`` calls methods with ``stream=True``); the
     ``request_id`` / ``idx_in_batch`` keys that processor adds are ignored.
@@ -171,6 +174,11 @@ class ModelServer:
     async def generate_stream(self, request: dict):
         yield await self.generate(request)
 
+    async def generate_many(self, requests: list[dict]) -> list[dict]:
+        """Many requests in one handle call (they still batch with everyone else's): a caller with
+        hundreds of requests pays Serve's per-call overhead once per chunk, not once per request."""
+        return list(await asyncio.gather(*(self.generate(r) for r in requests)))
+
     # -- introspection
 
     async def info(self) -> dict:
@@ -219,6 +227,10 @@ class JudgeServer(ModelServer):
 
     async def score_stream(self, request: dict):
         yield await self.score(request)
+
+    async def score_many(self, requests: list[dict]) -> list[dict]:
+        """``score`` for many requests in one handle call (see ``generate_many``)."""
+        return list(await asyncio.gather(*(self.score(r) for r in requests)))
 
     async def info(self) -> dict:
         out = await super().info()

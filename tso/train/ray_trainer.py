@@ -124,7 +124,9 @@ def _fit(loop, job, train, storage: Path, name: str, max_failures: int, env: dic
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
-            worker_runtime_env={"env_vars": env} if env else None,
+            # Train's print patch tees each worker print to its logger and to the worker's (already
+            # forwarded) stdout: every progress line reached the job log twice. Prints stay prints.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(env or {})}},
         ),
     )
     result = trainer.fit()

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from tso.toyworld import tasks as toy_tasks
+from tso.toyworld.style import styled_answer
 from tso.toyworld.tokenizer import build_tokenizer
 from tso.toyworld.verifier import exact_match, verify, verify_dimensions
 from tso.zoo.generate import generate_answers
@@ -49,6 +50,7 @@ def train_settings(spec: MatrixSpec, m: ModelSpec, seed: int) -> dict:
     return {
         "recipe": TRAIN_RECIPE, "seed": seed, "name": m.name, "shape": m.shape(), "budget": m.budget.to_dict(),
         "init_from": parent, "pool_size": spec.pool_size, "families": list(m.families or toy_tasks.FAMILIES),
+        **({"chatter": m.chatter} if m.chatter else {}),  # absent at 0: earlier builds keep their hash
     }
 
 
@@ -141,8 +143,11 @@ def _run_chain(spec: MatrixSpec, zoo: Path, seed: int, n_eval: int, items: list,
         t0 = time.perf_counter()
         if what == "train":
             fams = tuple(m.families or toy_tasks.FAMILIES)
-            if fams not in examples:
-                examples[fams] = encode_examples(tokenizer, toy_tasks.training_pool("train", spec.pool_size, seed, fams))
+            key = (fams, m.chatter)
+            if key not in examples:
+                pool = toy_tasks.training_pool("train", spec.pool_size, seed, fams)
+                pool = [{**t, "human": styled_answer(t, m.chatter, seed)} for t in pool]
+                examples[key] = encode_examples(tokenizer, pool)
             if m.init_from:
                 model = _load(zoo / m.init_from)
             else:
@@ -155,7 +160,7 @@ def _run_chain(spec: MatrixSpec, zoo: Path, seed: int, n_eval: int, items: list,
                     report(("step", _name, _pending[0], loss))
                     _pending[0] = 0
 
-            stats = sft_train(model, examples[fams][: m.budget.pool], m.budget, model_seed(seed, m.name) + 1,
+            stats = sft_train(model, examples[key][: m.budget.pool], m.budget, model_seed(seed, m.name) + 1,
                               tokenizer.pad_token_id, on_step=on_step)
             if pending[0]:
                 report(("step", name, pending[0], stats["final_loss"]))

@@ -32,6 +32,7 @@ class ModelSpec:
     init_from: str | None = None  # continue the training of this model (an older version, same size)
     intermediate: int | None = None
     families: tuple[str, ...] | None = None  # task families it is trained on (None: all)
+    chatter: float = 0.0  # share of SFT targets behind a filler prefix (tso.toyworld.style)
 
     def shape(self) -> dict:
         return {"hidden": self.hidden, "layers": self.layers, "heads": self.heads, "intermediate": self.intermediate}
@@ -71,12 +72,15 @@ class MatrixSpec:
         return done
 
 
-def _matrix(name: str, sizes: dict, budgets: dict, base: str, families: dict | None = None, **kw) -> MatrixSpec:
+def _matrix(name: str, sizes: dict, budgets: dict, base: str, families: dict | None = None,
+            chatter: dict | None = None, **kw) -> MatrixSpec:
     models = []
     for (version, label), budget in budgets.items():
         prev = f"v{version - 1}-{label}" if (version - 1, label) in budgets else None
         models.append(ModelSpec(f"v{version}-{label}", version, label, budget=budget, init_from=prev,
-                                families=(families or {}).get(version), **sizes[label]))
+                                families=(families or {}).get(version),
+                                chatter=(chatter or {}).get((version, label), 0.0),
+                                **sizes[label]))
     return MatrixSpec(name, tuple(models), base, **kw)
 
 
@@ -96,7 +100,11 @@ DEMO_BUDGETS = {
     (2, "m"): SFTBudget(steps=1200, batch=64, lr=5e-3, pool=20000, warmup=10),
     (2, "l"): SFTBudget(steps=2000, batch=64, lr=3e-3, pool=20000, warmup=10),
 }
-DEMO_MATRIX = _matrix("demo", DEMO_SIZES, DEMO_BUDGETS, DEMO_BASE, families={1: V1_FAMILIES}, eval_prompts=350)
+# Older versions and smaller sizes chatter more (tso.toyworld.style): what the matrix's preferences
+# can teach the base, beside the answers themselves.
+DEMO_CHATTER = {(1, "s"): 0.8, (1, "m"): 0.6, (1, "l"): 0.5, (2, "s"): 0.6, (2, "m"): 0.5, (2, "l"): 0.4}
+DEMO_MATRIX = _matrix("demo", DEMO_SIZES, DEMO_BUDGETS, DEMO_BASE, families={1: V1_FAMILIES}, chatter=DEMO_CHATTER,
+                      eval_prompts=350, max_new_tokens=28)
 
 # -- the fixture matrix: same names and layout as the demo, built in seconds; no ladder promise
 FIXTURE_SIZES = {
