@@ -14,7 +14,8 @@ from tso.run.report import write_report
 
 def _records(label: str, verifier: list[float], judge: list[float | None]) -> list[dict]:
     return [{"label": label, "path": f"/m/{label}", "id": str(i), "family": "add" if i % 2 else "sort",
-             "answer": "x", "judge": j, "judge_reason": None if j is not None else "no_score", "verifier": v}
+             "answer": "x", "judge": j, "judge_reason": None if j is not None else "no_score", "verifier": v,
+             "verifier_dimensions": {"correctness": v, "conciseness": 10.0 - i}}
             for i, (v, j) in enumerate(zip(verifier, judge))]
 
 
@@ -29,6 +30,7 @@ def test_summary_means_standard_errors_and_win_rate():
     assert s["judge_unscored"] == 1 and s["win_rate_key"] == "verifier"
     assert s["win_rate_vs_base"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)  # win, tie, loss, win
     assert s["per_family"] == {"add": pytest.approx(8.0), "sort": pytest.approx(4.0)}
+    assert s["verifier_dimensions"] == {"correctness": pytest.approx(6.0), "conciseness": pytest.approx(8.5)}
     assert summarize_model(_records("one", [5], [None]), None)["verifier_se"] is None
 
 
@@ -50,6 +52,7 @@ def test_report_tables_plot_and_verdict(tmp_path):
     assert text.index("| base |") < text.index("| dpo |") < text.index("| tso-1 |") < text.index("| tso-3 |")
     assert "rise monotonically on ground truth: **no** (5.00, 6.00, 5.50)" in text
     assert "above base: **yes** (5.50 vs 4.50)" in text and "above dpo: **no** (5.50 vs 5.50)" in text
+    assert "| model | correctness | conciseness |" in text and "| tso-2 | 6.00 | 9.50 |" in text
     assert "| stage-1 | 7 | matrix 7 |" in text and "| baselines/dpo/stage-1 | 7 |" in text
     assert (tmp_path / "eval.png").stat().st_size > 1000 and "![held-out evaluation](eval.png)" in text
     assert "| judge | 1.5 |" in text

@@ -170,4 +170,5 @@ def test_ray_job_submit_micro_run_resumes_after_the_driver_is_killed(head, tmp_p
     evals = {json.loads(p.read_text())["label"]: json.loads(p.read_text()) for p in (run_dir / "eval").glob("*.json")}
     assert set(evals) == {"base", "tso-1", "tso-2"} and all(e["n"] == 8 for e in evals.values())
     assert all(2 <= e["verifier_mean"] <= 10 for e in evals.values())
+    assert all(set(e["verifier_dimensions"]) == {"correctness", "conciseness"} for e in evals.values())
     shutil.rmtree(run_dir / "stage-1" / "train" / "ray", ignore_errors=True)

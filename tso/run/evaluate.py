@@ -32,12 +32,14 @@ def _generate_answers(engine_cfg: dict, path: str, rows: list[dict], sampling: d
 
 
 def _ground_truth(kind: str):
+    """(row, answer) -> (overall score, {dimension: score}), or None without a verifier."""
     if kind == "toyworld":
         from tso.toyworld.tasks import task_from_row
-        from tso.toyworld.verifier import verify
+        from tso.toyworld.verifier import overall, verify_dimensions
 
-        def truth(row: dict, answer: str) -> float:
-            return verify(task_from_row({"prompt": row["prompt"], **row.get("metadata", {})}), answer)
+        def truth(row: dict, answer: str) -> tuple[float, dict[str, float]]:
+            dims = verify_dimensions(task_from_row({"prompt": row["prompt"], **row.get("metadata", {})}), answer)
+            return overall(dims), dims
 
         return truth
     return None
@@ -62,11 +64,12 @@ def evaluate_model(cfg, label: str, path: str, rows: list[dict], out_dir: Path, 
     truth = _ground_truth(cfg.eval.verifier)
     records = []
     for r, a, v in zip(rows, answers, verdicts):
+        score, dims = truth(r, a) if truth else (None, None)
         records.append(
             {
                 "label": label, "path": path, "id": r["id"], "family": (r.get("metadata") or {}).get("family"),
                 "answer": a, "judge": v.get("score"), "judge_reason": v.get("reason"),
-                "verifier": truth(r, a) if truth else None,
+                "verifier": score, "verifier_dimensions": dims,
             }
         )
     atomic_write_text(answers_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in records))
@@ -103,6 +106,11 @@ def summarize_model(records: list[dict], base_records: list[dict] | None) -> dic
         if r.get("family") and r["verifier"] is not None:
             fam[r["family"]].append(r["verifier"])
     out["per_family"] = {f: sum(v) / len(v) for f, v in sorted(fam.items())}
+    dims = defaultdict(list)
+    for r in records:
+        for d, v in (r.get("verifier_dimensions") or {}).items():
+            dims[d].append(v)
+    out["verifier_dimensions"] = {d: sum(v) / len(v) for d, v in dims.items()}
     if base_records is not None:
         base_by_id = {r["id"]: r[key] for r in base_records}
         wins = []

@@ -97,6 +97,18 @@ def family_table(evals: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def dimension_table(evals: list[dict]) -> str:
+    """Ground truth per rubric dimension (correctness, conciseness): what moved the overall score."""
+    dims = list(dict.fromkeys(d for e in evals for d in (e.get("verifier_dimensions") or {})))
+    if not dims:
+        return ""
+    rows = ["| model | " + " | ".join(dims) + " |", "|---|" + "---|" * len(dims)]
+    for e in sorted(evals, key=lambda e: _model_order(e["label"])):
+        vd = e.get("verifier_dimensions") or {}
+        rows.append(f"| {e['label']} | " + " | ".join(_fmt(vd.get(d)) for d in dims) + " |")
+    return "\n".join(rows)
+
+
 def _last_metrics(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -156,6 +168,9 @@ def write_report(run_dir: str | Path) -> Path:
         chart = plot_models(evals, run_dir / "eval.png")
         if chart:
             parts += [f"![held-out evaluation]({chart.name})", ""]
+        dim = dimension_table(evals)
+        if dim:
+            parts += ["Verifier mean per rubric dimension (2..10):", "", dim, ""]
         fam = family_table(evals)
         if fam:
             parts += ["Verifier mean per task family:", "", fam, ""]
@@ -184,11 +199,11 @@ def _verdict(evals: list[dict]) -> str:
     lines = []
     if len(tso) >= 2 and None not in tso:
         rising = all(a < b for a, b in zip(tso, tso[1:]))
-        shown = ", ".join(_fmt(t) for t in tso)
+        shown = ", ".join(_fmt(t, 3) for t in tso)
         lines.append(f"TSO stages rise monotonically on ground truth: **{'yes' if rising else 'no'}** ({shown}).")
     if tso and tso[-1] is not None:
         for ref in ("base", "dpo"):
             if by.get(ref) is not None:
                 lines.append(f"Last TSO stage above {ref}: **{'yes' if tso[-1] > by[ref] else 'no'}** "
-                             f"({_fmt(tso[-1])} vs {_fmt(by[ref])}).")
+                             f"({_fmt(tso[-1], 3)} vs {_fmt(by[ref], 3)}).")
     return " ".join(lines)
