@@ -50,8 +50,8 @@ def test_report_tables_plot_and_verdict(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| tso-2 | 6.00 ± 0.00 |" in text and "| base | 4.50 ± 0.50 |" in text
     assert text.index("| base |") < text.index("| dpo |") < text.index("| tso-1 |") < text.index("| tso-3 |")
-    assert "rise monotonically on ground truth: **no** (5.00, 6.00, 5.50)" in text
-    assert "above base: **yes** (5.50 vs 4.50)" in text and "above dpo: **no** (5.50 vs 5.50)" in text
+    assert "rise monotonically on ground truth: **no** (5.000, 6.000, 5.500)" in text
+    assert "above base: **yes** (5.500 vs 4.500)" in text and "above dpo: **no** (5.500 vs 5.500)" in text
     assert "| model | correctness | conciseness |" in text and "| tso-2 | 6.00 | 9.50 |" in text
     assert "| stage-1 | 7 | matrix 7 |" in text and "| baselines/dpo/stage-1 | 7 |" in text
     assert (tmp_path / "eval.png").stat().st_size > 1000 and "![held-out evaluation](eval.png)" in text
