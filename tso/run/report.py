@@ -86,27 +86,25 @@ def plot_models(evals: list[dict], out_path: Path) -> Path | None:
     return out_path
 
 
-def family_table(evals: list[dict]) -> str:
-    families = sorted({f for e in evals for f in (e.get("per_family") or {})})
-    if not families:
+def _per_model_table(evals: list[dict], key: str, columns: list[str]) -> str:
+    """One row per model of the ``{column: value}`` dict each evaluation holds under ``key``."""
+    if not columns:
         return ""
-    rows = ["| model | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    rows = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for e in sorted(evals, key=lambda e: _model_order(e["label"])):
-        pf = e.get("per_family") or {}
-        rows.append(f"| {e['label']} | " + " | ".join(_fmt(pf.get(f)) for f in families) + " |")
+        values = e.get(key) or {}
+        rows.append(f"| {e['label']} | " + " | ".join(_fmt(values.get(c)) for c in columns) + " |")
     return "\n".join(rows)
+
+
+def family_table(evals: list[dict]) -> str:
+    return _per_model_table(evals, "per_family", sorted({f for e in evals for f in (e.get("per_family") or {})}))
 
 
 def dimension_table(evals: list[dict]) -> str:
     """Ground truth per rubric dimension (correctness, conciseness): what moved the overall score."""
     dims = list(dict.fromkeys(d for e in evals for d in (e.get("verifier_dimensions") or {})))
-    if not dims:
-        return ""
-    rows = ["| model | " + " | ".join(dims) + " |", "|---|" + "---|" * len(dims)]
-    for e in sorted(evals, key=lambda e: _model_order(e["label"])):
-        vd = e.get("verifier_dimensions") or {}
-        rows.append(f"| {e['label']} | " + " | ".join(_fmt(vd.get(d)) for d in dims) + " |")
-    return "\n".join(rows)
+    return _per_model_table(evals, "verifier_dimensions", dims)
 
 
 def _last_metrics(path: Path) -> dict | None:
