@@ -433,14 +433,14 @@ def test_deployment_options_follow_the_resource_config():
 
     engine = EngineConfig(max_batch_size=48, torch_threads=2)
     opts = _options("judge", engine, ResourceConfig(num_cpus=0.5, num_gpus=1, num_replicas=3, max_ongoing_requests=8),
-                    "/ckpt")
+                    {"checkpoint": "/ckpt"})
     assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
     assert opts["max_ongoing_requests"] == 48  # raised to max_batch_size, or batches could never fill
     assert opts["ray_actor_options"]["num_cpus"] == 0.5 and opts["ray_actor_options"]["num_gpus"] == 1
     assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
     assert opts["user_config"] == {"checkpoint": "/ckpt"}
     auto = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
-    opts = _options("judge", engine, ResourceConfig(autoscaling=auto), "/ckpt")
+    opts = _options("judge", engine, ResourceConfig(autoscaling=auto), {"checkpoint": "/ckpt"})
     assert opts["autoscaling_config"] == auto and "num_replicas" not in opts
 
 

@@ -86,7 +86,7 @@ def _stderr(xs):
     xs = [x for x in xs if x is not None]
     if len(xs) < 2:
         return None
-    m = sum(xs) / len(xs)
+    m = _mean(xs)
     return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
 
 

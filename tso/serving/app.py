@@ -72,7 +72,7 @@ def _with_version(deployment, version: str):
         return deployment
 
 
-def _options(name: str, engine, resources, user_config: dict | str) -> dict:
+def _options(name: str, engine, resources, user_config: dict) -> dict:
     actor = {
         "num_cpus": resources.num_cpus,
         "num_gpus": resources.num_gpus,
@@ -87,7 +87,7 @@ def _options(name: str, engine, resources, user_config: dict | str) -> dict:
         "ray_actor_options": actor,
         # a batch can only be as large as the requests a replica accepts at once
         "max_ongoing_requests": max(resources.max_ongoing_requests, engine.max_batch_size),
-        "user_config": user_config if isinstance(user_config, dict) else {"checkpoint": user_config},
+        "user_config": user_config,
         "health_check_period_s": 10,
         "health_check_timeout_s": 120,  # a health check waits for the running batch (deployments.py)
         "graceful_shutdown_timeout_s": 30,

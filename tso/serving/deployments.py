@@ -109,7 +109,7 @@ class ModelServer:
         if unknown:
             raise ValueError(f"{self.deployment}: unknown user_config keys {sorted(unknown)} "
                              f"(have: {', '.join(sorted(USER_CONFIG_KEYS))})")
-        for key in ("role", "path", "version", "base", "base_path"):
+        for key in USER_CONFIG_KEYS - {"checkpoint"}:
             if key in user_config:
                 setattr(self, key, user_config[key])
         checkpoint = user_config.get("checkpoint") or self.path
