@@ -47,7 +47,8 @@ def _config(dirs: dict[str, str], prompts: Path, run_dir: Path, args) -> object:
                                             "resources": res} for n, v, s in models]},
         "judge": {"path": dirs["judge"], "engine": engine, "resources": res,
                   "sampling": {"temperature": 0.0, "max_new_tokens": args.judge_tokens}},
-        "pairs": {"prompts": str(prompts), "n_self": 2,
+        # random models never stop: keep their cut answers, so every prompt does the same work on both sides
+        "pairs": {"prompts": str(prompts), "n_self": 2, "truncated": "keep",
                   "sampling": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": args.new_tokens}},
         "serve": {"port": args.port, "app_name": "tso-bench-pairs"},
     })

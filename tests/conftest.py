@@ -53,3 +53,16 @@ def ray_cluster():
 def pytest_collection_modifyitems(config, items):
     """Tests marked `last` run after all others (they stop Ray clusters machine-wide)."""
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory):
+    """TSO_HOME holding the real SmolLM2 matrix, built once (CI's fresh $TSO_HOME keeps it for the whole run)."""
+    from pathlib import Path
+
+    from tso.models.fixture import WHEEL_ENV, build_smollm2_matrix
+
+    home = Path(os.environ["TSO_HOME"]) if os.environ.get("TSO_HOME") else tmp_path_factory.mktemp("smollm2-home")
+    wheel = os.environ.get(WHEEL_ENV)
+    build_smollm2_matrix(home, wheel=Path(wheel) if wheel else None)
+    return home

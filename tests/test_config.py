@@ -207,3 +207,86 @@ def test_extends_merges_over_a_parent_config(tmp_path):
     missing.write_text(yaml.safe_dump({"extends": "nowhere.yaml"}))
     with pytest.raises(ConfigError, match="extends: no config at"):
         load_config(missing)
+
+
+# ----------------------------------------------------------------------------- real checkpoints
+
+
+def _with_model(**fields):
+    data = copy.deepcopy(BASE)
+    data["matrix"]["models"][0].update(fields)
+    return data
+
+
+def test_hub_ids_stay_ids_and_local_paths_become_absolute(tmp_path, monkeypatch):
+    from tso.config import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "local-model").mkdir(parents=True)
+    data = copy.deepcopy(BASE)
+    models = data["matrix"]["models"]
+    models[0].update(path="Qwen/Qwen2.5-0.5B-Instruct", revision="main")
+    models[1].update(path="org/local-model")  # exists here: local
+    models[2].update(path="./Qwen/Qwen2.5-0.5B-Instruct")  # ./ : local, even if it does not exist
+    models[3].update(path="~/models/x")
+    cfg = load_config(_write(tmp_path, data))
+    paths = [m.path for m in cfg.matrix.models]
+    assert paths[0] == "Qwen/Qwen2.5-0.5B-Instruct" and is_hub_id(paths[0])
+    assert cfg.matrix.models[0].revision == "main" and cfg.matrix.models[0].trust_remote_code is False
+    assert paths[1] == str(tmp_path / "org" / "local-model") and not is_hub_id(paths[1])
+    assert paths[2] == str(tmp_path / "Qwen" / "Qwen2.5-0.5B-Instruct")
+    assert paths[3].startswith("/") and paths[3].endswith("/models/x")
+    with pytest.raises(ConfigError) as e:  # hub ids are skipped; the first missing local directory is named
+        cfg.require_model_dirs("run.yaml")
+    assert e.value.field == "matrix.models[1].path"
+
+
+def test_chat_template_is_jinja_text_or_a_file_read_at_load(tmp_path):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    cfg = load_config(_write(tmp_path, _with_model(chat_template=str(tmp_path / "t.jinja"))))
+    assert cfg.matrix.models[0].chat_template == template
+    data = _with_model(chat_template=template)
+    data["judge"] = {"chat_template": template, "stop_tokens": ["<end_of_turn>", 7]}
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.matrix.models[0].chat_template == template and cfg.judge.stop_tokens == ["<end_of_turn>", 7]
+    e = _err(tmp_path, _with_model(chat_template=str(tmp_path / "missing.jinja")))
+    assert e.field == "matrix.models[0].chat_template" and "neither a Jinja template nor a file" in e.problem
+    (tmp_path / "plain.txt").write_text("no template here")
+    e = _err(tmp_path, _with_model(chat_template=str(tmp_path / "plain.txt")))
+    assert e.field == "matrix.models[0].chat_template" and "holds no Jinja template" in e.problem
+    e = _err(tmp_path, _with_model(stop_tokens=[]))
+    assert e.field == "matrix.models[0].stop_tokens"
+
+
+def test_pairs_truncation_and_verifier_settings(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.pairs.truncated == "drop" and cfg.pairs.max_redraws == 2 and cfg.eval.verifier == "none"
+    assert cfg.judge.answer_format == "evidence_first" and cfg.judge.sampling.max_new_tokens == 256
+    for verifier in ("toyworld", "my_pkg.checks:score"):
+        assert load_config(_write(tmp_path, {**BASE, "eval": {"verifier": verifier}})).eval.verifier == verifier
+    assert _err(tmp_path, {**BASE, "eval": {"verifier": "not a function"}}).field == "eval.verifier"
+    assert _err(tmp_path, {**BASE, "pairs": {"truncated": "cut"}}).field == "pairs.truncated"
+
+
+def test_set_overrides_name_the_item_and_apply_as_yaml(tmp_path):
+    from tso.config import load_config_ref, parse_overrides
+
+    assert parse_overrides(["stages=1", "pairs.n_self=0", "train.optimizer.lr=1.0e-5", "baselines=[]"]) == {
+        "stages": 1, "pairs.n_self": 0, "train.optimizer.lr": 1e-5, "baselines": []}
+    with pytest.raises(ConfigError) as e:
+        parse_overrides(["stages"])
+    assert e.value.source == "--set" and "KEY=VALUE" in e.value.problem
+    cfg, source = load_config_ref(str(_write(tmp_path, BASE)), ["seed=7", "pairs.max_prompts=3"])
+    assert (cfg.seed, cfg.pairs.max_prompts, source) == (7, 3, str(tmp_path / "run.yaml"))
+
+
+def test_standalone_baselines_have_their_own_run_dir_and_no_nested_baselines():
+    from tso.config import builtin_config_path, method_overrides
+
+    for name in ("dpo", "ipo", "cdpo", "self_reward"):
+        cfg = load_config(builtin_config_path(name))
+        assert cfg.run_dir.endswith(f"runs/{name}") and cfg.baselines == [] and cfg.name == name
+        _, overrides = method_overrides(f"builtin:{name}")
+        assert not {"matrix", "run_dir", "baselines", "seed", "eval"} & set(overrides)
+    assert method_overrides("builtin:ipo")[1]["train"] == {"minibatches": 1, "loss": {"type": "ipo", "ipo_tau": 0.2}}

@@ -124,3 +124,29 @@ def test_self_reward_mode_pairs_best_against_worst_without_thresholds():
     assert counts == {"self_reward": 1} and (pairs[0].chosen, pairs[0].rejected) == ("b", "a")
     pairs, counts = form_pairs("p", "q", [], [], samples[:1], rules, stage=2, seed=1, try_self=True)
     assert pairs == [] and counts == {"no_self_pair": 1}
+
+
+def test_invalid_utf8_and_lone_surrogates_are_rejects_with_their_line(tmp_path):
+    """Seen live: one such row killed a whole stage (and every resume)."""
+    path = tmp_path / "p.jsonl"
+    good = json.dumps({"id": "a", "prompt": "fine", "human": "ok"}).encode()
+    bad_bytes = b'{"id": "b", "prompt": "caf\xe9 latte"}'  # latin-1, not UTF-8
+    surrogate = b'{"id": "c", "prompt": "\\ud800 alone"}'  # valid JSON, not encodable text
+    in_human = b'{"id": "d", "prompt": "q", "human": "x\\udfff"}'
+    path.write_bytes(b"\n".join([good, bad_bytes, surrogate, in_human, good.replace(b'"a"', b'"e"')]) + b"\n")
+    ps = read_prompts(path)
+    assert [r["id"] for r in ps.rows] == ["a", "e"]
+    got = {(r["line"], r["reason"]) for r in ps.rejects}
+    assert got == {(2, "invalid_utf8"), (3, "invalid_unicode"), (4, "invalid_unicode")}
+    assert "0xe9" in next(r["detail"] for r in ps.rejects if r["line"] == 2)
+    assert "U+D800" in next(r["detail"] for r in ps.rejects if r["line"] == 3)
+    json.dumps(ps.rejects).encode("utf-8")  # the rejects themselves can be written
+
+
+def test_a_missing_human_answer_may_be_null_or_nan(tmp_path):
+    """Rows from a dataframe carry a column without answers as NaN: that is no answer, not text."""
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "x", "prompt": "p", "human": float("nan")},
+                                         {"id": "y", "prompt": "p", "human": None}]), path)
+    ps = read_prompts(path)
+    assert [r["human"] for r in ps.rows] == [None, None] and ps.rejects == []

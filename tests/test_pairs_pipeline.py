@@ -76,8 +76,9 @@ def make_cfg(model_dirs, prompts_file, run_dir, **pairs) -> object:
             {**m, "path": model_dirs[m["name"]], "engine": _engine(), "resources": res} for m in models
         ]},
         "judge": {"path": model_dirs["judge"], "rubrics": JUDGE_RUBRICS, "engine": _engine(), "resources": res},
+        # random models rarely stop within 6 tokens: keep their cut answers (the drop rule has its own tests)
         "pairs": {"prompts": str(prompts_file), "human_weight": 0.3, "n_self": 2, "max_prompt_chars": 200,
-                  "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6}, **pairs},
+                  "truncated": "keep", "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6}, **pairs},
         "serve": {"port": PORT, "app_name": APP},
     })
 
@@ -184,3 +185,41 @@ def test_source_frequencies_follow_alpha_and_gamma(app):
     assert pos[HUMAN] / n == pytest.approx(0.3, abs=tol) and pos["c"] / n == pytest.approx(0.7, abs=tol)
     assert neg["a1"] / n == pytest.approx(0.25, abs=tol) and neg["a2"] / n == pytest.approx(0.75, abs=tol)
     assert set(pos) == {HUMAN, "c"} and set(neg) == {"a1", "a2"}
+
+
+def test_a_prompts_file_without_any_human_answer_renormalises_alpha(app, tmp_path):
+    """Seen live: a file in which no row has a human answer sent a null answer to the judge (the
+    column reached the Ray Data batch as null/NaN) and failed the stage."""
+    path = tmp_path / "no-human.jsonl"
+    path.write_text("".join(json.dumps({"id": f"n{i:02d}", "prompt": f"add {i} and 2"}) + "\n" for i in range(10)))
+    cfg = app.model_copy(deep=True)
+    cfg.pairs.prompts = str(path)
+    res = form_pairs_step(cfg, 1, tmp_path / "out", batch_size=4, concurrency=2)
+    rows = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist()
+    assert res["summary"]["pairs"] == len(rows) == 10 and res["summary"]["rejected_rows"] == 0
+    assert all(r["alpha_renormalized"] and r["chosen_source"] == "c" for r in rows)
+    assert res["summary"]["drawn_sources"]["positive"] == {"c": 10}
+
+
+def test_truncated_answers_are_dropped_redrawn_and_counted(model_dirs, prompts_file, tmp_path):
+    """Random tiny models never stop within 6 tokens: with `truncated: drop` no cut answer reaches a pair.
+    A cut matrix negative is redrawn (keyed) max_redraws times, then the prompt gives no pair and says
+    why; with `keep` the same answers make pairs, marked as cut."""
+    from tso.pairs.backends import LocalBackend
+
+    cfg = make_cfg(model_dirs, prompts_file, tmp_path, truncated="drop", max_redraws=2)
+    res = form_pairs_step(cfg, 1, tmp_path / "out", backend=LocalBackend(cfg), batch_size=8, progress=False)
+    s, n = res["summary"], res["summary"]["prompts"]
+    assert n == N_PROMPTS - 2 and s["pairs"] == 0 and sum(s["no_pair"].values()) == n
+    assert s["truncated"]["a1"] + s["truncated"]["a2"] == 3 * n  # the first draw and two redraws, all cut
+    assert s["redrawn_sources"].get("a1", 0) + s["redrawn_sources"].get("a2", 0) == 2 * n
+    assert s["truncated"]["policy"] > 0 and s["truncated"]["policy"] % 2 == 0  # n_self = 2 per self row
+    assert s["truncated_action"] == "drop"
+
+    kept = make_cfg(model_dirs, prompts_file, tmp_path, truncated="keep")
+    res = form_pairs_step(kept, 1, tmp_path / "kept", backend=LocalBackend(kept), batch_size=8, progress=False)
+    rows = pq.read_table(tmp_path / "kept" / "pairs.parquet").to_pylist()
+    assert res["summary"]["pairs"] == len(rows) == N_PROMPTS - 2 and not res["summary"]["redrawn_sources"]
+    assert all(r["rejected_finish_reason"] == "length" and r["rejected_stop_token"] is None for r in rows)
+    assert all(r["chosen_finish_reason"] == "stop" for r in rows if r["chosen_source"] == HUMAN)
+    assert "length" in {r["chosen_finish_reason"] for r in rows if r["chosen_source"] != HUMAN}

@@ -321,7 +321,7 @@ def test_judge_sft_loss_is_answer_tokens_only_and_falls(tmp_path, tiny_model_dir
     lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps({"messages": [{"role": "user", "content": "q"}]})]
     fb = tmp_path / "fb.jsonl"
     fb.write_text("\n".join(lines) + "\n")
-    examples, rep = read_feedback(fb, tiny_tokenizer, max_length=256)
+    examples, rep = read_feedback(fb, tiny_tokenizer, max_length=320)
     assert rep.kept == 48 and [n for n, _ in rep.malformed] == [49, 50]
 
     # the loss of one micro-batch is the mean NLL of the answer tokens, the prompt only conditions
@@ -335,7 +335,7 @@ def test_judge_sft_loss_is_answer_tokens_only_and_falls(tmp_path, tiny_model_dir
     assert batch[0].answer == encode_response(tiny_tokenizer, rows_by_id(rows)[batch[0].id]["messages"][-1]["content"])
 
     write_jsonl(rows, tmp_path / "clean.jsonl")
-    t = _train(global_batch=8, micro_batch=8, epochs=3, max_length=256, optimizer={"lr": 3e-3, "warmup_ratio": 0.0})
+    t = _train(global_batch=8, micro_batch=8, epochs=3, max_length=320, optimizer={"lr": 3e-3, "warmup_ratio": 0.0})
     job = JudgeJob(train=t.model_dump(mode="json"), feedback_path=str(tmp_path / "clean.jsonl"),
                    base_path=str(tiny_model_dir), out_dir=str(tmp_path / "judge"), work_dir=str(tmp_path / "judge_train"),
                    engine="torch")

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "tso.pairs.commands",
     "tso.train.commands",
     "tso.run.commands",
+    "tso.models.commands",
 ]
 
 

@@ -7,6 +7,12 @@ import argparse
 from tso.config import dump_config, load_config, resolve_config_ref
 
 
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable) on every command that takes a run config."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set stages=1 --set pairs.max_prompts=8 (YAML values)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="validate or print a run config")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)

@@ -1,7 +1,7 @@
 """One typed configuration for a whole TSO run, loaded from YAML.
 
 Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is an error and not a
-silently ignored setting. Defaults are the paper's hyper-parameters (docs: TSO-METHOD.md, appendix C).
+silently ignored setting. Defaults are the paper's hyper-parameters (docs/method.md, Hyper-parameters).
 Errors raised while loading name the file, the field path and the problem.
 """
 
@@ -65,11 +65,28 @@ class ResourceConfig(_Section):
     autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config (replaces num_replicas).")
 
 
-class ModelEntry(_Section):
-    """One model of the matrix: an ordinary Hugging Face model directory."""
+StopToken = str | int
+
+
+class CheckpointOptions(_Section):
+    """How a checkpoint is loaded and talked to: the keys a real model may need beside its path."""
+
+    revision: str | None = Field(None, max_length=256, description="Hub revision (branch, tag or commit) of a hub id.")
+    trust_remote_code: bool = Field(False, description="Run the checkpoint's own modelling code (hub models only).")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template, or a file holding one; overrides or supplies the tokenizer's."
+    )
+    stop_tokens: list[StopToken] | None = Field(
+        None, min_length=1, max_length=64,
+        description="Tokens (text or id) that end an answer; default: the EOS ids plus the template's end-of-turn token.",
+    )
+
+
+class ModelEntry(CheckpointOptions):
+    """One model of the matrix: a Hugging Face checkpoint (a local directory or a hub id)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64, description="Unique; 'human' is reserved.")
-    path: str = Field(description="Hugging Face model directory; ${TSO_HOME} and ~ expand.")
+    path: str = Field(description="Local model directory (${TSO_HOME}, ${VAR} and ~ expand) or a hub id (org/name).")
     version: int = Field(ge=0, description="Older to newer; versions are compared within a size.")
     size: float = Field(gt=0, description="Any number that orders sizes, e.g. parameters in billions.")
     role: Literal["auto", "positive", "negative", "none"] = Field(
@@ -128,14 +145,18 @@ class JudgeTrainConfig(_Section):
     max_length: int = Field(1024, ge=8, description="Longer feedback examples are reported and left out.")
 
 
-class JudgeConfig(_Section):
+class JudgeConfig(CheckpointOptions):
     path: str | None = Field(None, description="A trained judge; default <run_dir>/judge after stage 0.")
     feedback: str | None = Field(None, description="Feedback JSONL for evaluation correction (stage 0).")
     dimensions: list[str] = Field(
         default_factory=lambda: ["correctness", "conciseness"], min_length=1, description="Rubric dimensions scored."
     )
     rubrics: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_RUBRICS), description="Rubric text per dimension.")
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=64))
+    answer_format: Literal["evidence_first", "score_only"] = Field(
+        "evidence_first", description="What the rubric prompt asks for: evidence then 'Score: X', or the score only."
+    )
+    # Evidence needs room: a real judge writes a few sentences before its score.
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=256))
     train: JudgeTrainConfig = Field(default_factory=JudgeTrainConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     resources: ResourceConfig = Field(default_factory=ResourceConfig)
@@ -172,6 +193,12 @@ class PairsConfig(_Section):
     self_pair_fraction: float = Field(0.5, ge=0, le=1, description="Share of prompts that try a self pair.")
     judge_filter: JudgeFilterConfig = Field(default_factory=JudgeFilterConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    truncated: Literal["drop", "keep"] = Field(
+        "drop", description="An answer cut by max_new_tokens or the context: left out (drop) or trained without EOS (keep)."
+    )
+    max_redraws: int = Field(
+        2, ge=0, le=16, description="Further keyed draws from a side's mixture when its answer is dropped or fails."
+    )
     max_prompt_chars: int = Field(8192, ge=1, description="Longer prompts are rejects (never truncated).")
     max_prompts: int | None = Field(None, ge=1, description="Use only the first N valid prompts.")
 
@@ -249,9 +276,15 @@ class TrainConfig(_Section):
 # ----------------------------------------------------------------------------- evaluation / serving
 
 
+VERIFIER_PATTERN = r"^(none|toyworld|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
+
+
 class EvalConfig(_Section):
     prompts: str | None = Field(None, description="Held-out prompts JSONL for evaluation.")
-    verifier: Literal["none", "toyworld"] = Field("none", description="Ground-truth scorer (the toy world's verifier).")
+    verifier: str = Field(
+        "none", pattern=VERIFIER_PATTERN,
+        description="Ground truth: none, toyworld, or module:function(prompt, response, metadata) -> 2..10 or None.",
+    )
     max_prompts: int | None = Field(None, ge=1)
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=2048))
 
@@ -303,8 +336,11 @@ class RunConfig(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def require_model_dirs(self, source: str = "<config>") -> None:
-        """Check model directories when a step needs them (not at load, so configs validate early)."""
+        """Check local model directories when a step needs them (not at load, so configs validate before
+        the matrix is built). Hub ids are resolved by ``from_pretrained`` when a model loads."""
         for i, m in enumerate(self.matrix.models):
+            if is_hub_id(m.path):
+                continue
             p = Path(m.path)
             if not (p / "config.json").is_file():
                 hint = " (build the embedded default with `tso zoo build`)" if str(tso_home()) in str(p) else ""
@@ -312,11 +348,26 @@ class RunConfig(_Section):
                     source, f"matrix.models[{i}].path", f"model {m.name!r}: no model directory at {p}{hint}"
                 )
 
+    def model_field(self, name: str) -> str:
+        """The config path of a matrix model (for errors that name the field)."""
+        for i, m in enumerate(self.matrix.models):
+            if m.name == name:
+                return f"matrix.models[{i}]"
+        raise KeyError(name)
+
 
 # ----------------------------------------------------------------------------- loading
 
 _VAR = re.compile(r"\$\{(\w+)\}")
 _PATH_FIELDS = (("run_dir",), ("judge", "path"), ("judge", "feedback"), ("pairs", "prompts"), ("eval", "prompts"))
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_LOCAL_PREFIXES = ("/", "./", "../", "~", "${")
+
+
+def is_hub_id(path: str) -> bool:
+    """``org/name`` that is not a local path: a Hugging Face Hub id. Local paths are absolute once a
+    config is loaded, so after loading this only answers True for what ``_model_path`` kept as an id."""
+    return not path.startswith(_LOCAL_PREFIXES) and bool(_HUB_ID.match(path))
 
 
 def _expand(value: str) -> str:
@@ -324,6 +375,8 @@ def _expand(value: str) -> str:
         name = m.group(1)
         if name == "TSO_HOME":
             return str(tso_home())
+        if name == "TSO_CONFIGS":  # the configs (and example prompts) shipped in the package
+            return str(Path(__file__).parent / "configs")
         if name not in os.environ:
             raise KeyError(name)
         return os.environ[name]
@@ -336,6 +389,31 @@ def _absolute(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+def _model_path(value: str, base: Path) -> str:
+    """A local path (starts with /, ./, ~ or ${...}, or exists) made absolute; else a hub id kept as is."""
+    if not value.startswith(_LOCAL_PREFIXES) and _HUB_ID.match(value) and not (base / value).exists():
+        return value
+    return _absolute(value, base)
+
+
+def _is_jinja(text: str) -> bool:
+    return "{%" in text or "{{" in text
+
+
+def _chat_template(value: str | None, base: Path, source: str, field: str) -> str | None:
+    """A chat template is Jinja text, or the path of a file holding it (read now, so it travels with
+    the config to every Ray worker)."""
+    if value is None or _is_jinja(value):
+        return value
+    path = Path(_absolute(value, base))
+    if not path.is_file():
+        raise ConfigError(source, field, f"{value!r} is neither a Jinja template nor a file ({path} does not exist)")
+    text = path.read_text(encoding="utf-8")
+    if not _is_jinja(text):
+        raise ConfigError(source, field, f"{path} holds no Jinja template ({{% ... %}} or {{{{ ... }}}})")
+    return text
+
+
 def _normalise_paths(cfg: RunConfig, base: Path, source: str) -> RunConfig:
     """Expand ${VAR}/~ and make paths absolute (a `ray job` driver runs in a temporary copy)."""
     try:
@@ -345,9 +423,11 @@ def _normalise_paths(cfg: RunConfig, base: Path, source: str) -> RunConfig:
                 obj = getattr(obj, part)
             value = getattr(obj, field[-1])
             if value is not None:
-                setattr(obj, field[-1], _absolute(value, base))
-        for m in cfg.matrix.models:
-            m.path = _absolute(m.path, base)
+                setattr(obj, field[-1], _model_path(value, base) if field == ("judge", "path") else _absolute(value, base))
+        for i, m in enumerate(cfg.matrix.models):
+            m.path = _model_path(m.path, base)
+            m.chat_template = _chat_template(m.chat_template, base, source, f"matrix.models[{i}].chat_template")
+        cfg.judge.chat_template = _chat_template(cfg.judge.chat_template, base, source, "judge.chat_template")
     except KeyError as e:
         raise ConfigError(source, "paths", f"environment variable {e.args[0]} is not set") from None
     return cfg
@@ -401,28 +481,82 @@ def resolve_config_ref(ref: str, relative_to: Path | None = None) -> Path:
     return p if p.is_absolute() or relative_to is None else (relative_to / p)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, mapping by mapping (lists and scalars are replaced)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def _read_yaml(path: Path, source: str, seen: tuple) -> dict:
-    """Read a YAML config; `extends: <ref>` deep-merges this file over another config."""
+def _chain(path: Path, source: str, seen: tuple = ()) -> list[dict]:
+    """The own keys of a config file and of every file it `extends`, the file itself first."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(source, "", f"not valid YAML: {e}") from None
     if not isinstance(data, dict) or "extends" not in data:
-        return data
+        return [data]
     ref = data.pop("extends")
     parent = resolve_config_ref(str(ref), path.parent)
     if not parent.is_file():
         raise ConfigError(source, "extends", f"no config at {parent}")
     if parent.resolve() in seen:
         raise ConfigError(source, "extends", f"circular extends through {parent}")
-    return _deep_merge(_read_yaml(parent, str(parent), (*seen, path.resolve())), data)
+    return [data, *_chain(parent, str(parent), (*seen, path.resolve()))]
+
+
+def _merge_chain(chain: list[dict]) -> dict:
+    out: dict = {}
+    for data in reversed(chain):
+        out = deep_merge(out, data)
+    return out
+
+
+def _read_yaml(path: Path, source: str, seen: tuple = ()) -> dict:
+    """Read a YAML config; `extends: <ref>` deep-merges this file over another config."""
+    chain = _chain(path, source, seen)
+    return chain[0] if len(chain) == 1 else _merge_chain(chain)
+
+
+#: Keys of a baseline file that say where and what it is, not how its method differs.
+BASELINE_OWN_KEYS = ("name", "run_dir", "baselines")
+
+
+def method_overrides(ref: str) -> tuple[str, dict]:
+    """(name, overrides) of a baseline config: what its file and the files between it and the config it
+    finally extends change. Run beside a main run, a baseline is the main config with only these
+    applied, so the matrix, prompts, seed and ``--set`` overrides stay the main run's."""
+    path = resolve_config_ref(ref)
+    if not path.is_file():
+        raise ConfigError(str(path), "", "no such file")
+    chain = _chain(path, str(path))
+    if len(chain) < 2:
+        raise ConfigError(str(path), "extends", "a baseline config must `extends:` the config it changes")
+    merged = _merge_chain(chain[:-1])
+    name = merged.get("name") or path.stem
+    return str(name), {k: v for k, v in merged.items() if k not in BASELINE_OWN_KEYS}
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items (VALUE is YAML) as {dotted key: value}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", item, "expects KEY=VALUE (a dotted key, a YAML value)")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError("--set", key, f"not a YAML value: {e}") from None
+    return out
+
+
+def load_config_ref(ref: str, sets: list[str] | None = None) -> tuple[RunConfig, str]:
+    """A config named as on the command line (a path or builtin:NAME) with ``--set`` overrides;
+    returns it and the file it came from."""
+    path = resolve_config_ref(ref)
+    return load_config(path, parse_overrides(sets or [])), str(path)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tso.models.chat import ChatTemplateError, render_chat
+
 #: Upper bound on new tokens per request (the same bound as ``SamplingConfig.max_new_tokens``).
 MAX_NEW_TOKENS_CAP = 32768
 MAX_SAMPLES = 64
@@ -44,10 +46,11 @@ class GenerationResult:
 
     texts: list[str]
     num_tokens: list[int]  # generated tokens per sample (an end-of-sequence token counts)
-    finish_reasons: list[FinishReason]  # "stop": end of sequence; "length": max_new_tokens or context
+    finish_reasons: list[FinishReason]  # "stop": a stop token ended it; "length": max_new_tokens or context
     prompt_tokens: int
     seeds: list[int] = field(default_factory=list)  # the seed each sample was drawn with
     checkpoint: str = ""
+    stop_tokens: list[str | None] = field(default_factory=list)  # the token that ended each sample (None: length)
 
 
 class EngineInputError(ValueError):
@@ -147,14 +150,10 @@ class GenerationEngine(ABC):
         """The text a prompt becomes: a string as-is, a chat through the tokenizer's chat template."""
         if isinstance(prompt, str):
             return prompt
-        messages = validate_chat(prompt)
-        tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise ChatFormatError("this model's tokenizer has no chat template: send a plain string prompt")
         try:
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # a template that rejects the conversation (e.g. role order)
-            raise ChatFormatError(f"the chat template rejected the conversation: {e}") from None
+            return render_chat(self.tokenizer, validate_chat(prompt))
+        except ChatTemplateError as e:
+            raise ChatFormatError(str(e)) from None
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt, checked against the context (raises PromptTooLongError)."""
@@ -195,12 +194,14 @@ def engine_kind(kind: str) -> str:
     return "transformers"
 
 
-def make_engine(engine_cfg, path: str) -> GenerationEngine:
-    """An engine for ``path`` configured by an ``EngineConfig`` (tso.config)."""
+def make_engine(engine_cfg, path: str, options: dict[str, Any] | None = None) -> GenerationEngine:
+    """An engine for ``path`` configured by an ``EngineConfig`` and the model's loading options
+    (``tso.models.checkpoint.checkpoint_options``: revision, trust_remote_code, chat_template,
+    stop_tokens)."""
     if engine_kind(engine_cfg.kind) == "vllm":
         from tso.engines.vllm import VLLMEngine
 
-        return VLLMEngine(path, engine_cfg)
+        return VLLMEngine(path, engine_cfg, options)
     from tso.engines.hf import HFEngine
 
-    return HFEngine(path, engine_cfg)
+    return HFEngine(path, engine_cfg, options)

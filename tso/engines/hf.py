@@ -16,6 +16,9 @@ How a batch is generated (and why per-request seeds are batch-independent):
   boundary of the top-p cumulative distribution.
 * Per-row ``max_new_tokens`` (and the room left in the context) is enforced by forcing the end of
   sequence token once a row has its allowance; that row is reported with finish reason "length".
+* A sample stops at any of the model's stop tokens (``tso.models.chat.stop_token_ids``: the EOS ids
+  and the chat template's end-of-turn token, or the configured ``stop_tokens``); the result names
+  the token that ended it.
 """
 
 from __future__ import annotations
@@ -23,16 +26,9 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-)
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from tso.engines.base import (
     GenerationEngine,
@@ -41,6 +37,8 @@ from tso.engines.base import (
     SamplingParams,
     request_seeds,
 )
+from tso.models.chat import stop_token_ids
+from tso.models.checkpoint import context_length, has_tokenizer_files, load_causal_lm, load_tokenizer, require_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,7 +51,7 @@ class _Loaded:
     tokenizer: object
     checkpoint: str
     max_context: int
-    eos_ids: tuple[int, ...]
+    eos_ids: tuple[int, ...]  # every stop token id (EOS ids, end-of-turn, configured stop_tokens)
     pad_id: int
 
 
@@ -122,10 +120,11 @@ def _dtype(kind: str, device: torch.device) -> torch.dtype:
 class HFEngine(GenerationEngine):
     name = "transformers"
 
-    def __init__(self, path: str, engine_cfg=None, *, max_batch_rows: int | None = None):
+    def __init__(self, path: str, engine_cfg=None, options: dict | None = None, *, max_batch_rows: int | None = None):
         from tso.config import EngineConfig
 
         self.cfg = engine_cfg or EngineConfig(kind="transformers")
+        self.options = dict(options or {})
         self.threads = self.cfg.torch_threads
         torch.set_num_threads(self.threads)
         self.device = _device(self.cfg.device)
@@ -138,29 +137,21 @@ class HFEngine(GenerationEngine):
     # -- loading and hot-swap
 
     def load(self, checkpoint_dir: str) -> None:
-        path = Path(checkpoint_dir)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no Hugging Face model directory at {path} (config.json missing)")
+        require_checkpoint(checkpoint_dir)
         with self._lock:
             old = self._state
-            has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-            if has_tokenizer or old is None:
-                tokenizer = AutoTokenizer.from_pretrained(str(path))
+            if has_tokenizer_files(checkpoint_dir) or old is None:
+                tokenizer = load_tokenizer(checkpoint_dir, self.options)
             else:  # a training checkpoint with weights only keeps the served tokenizer
                 tokenizer = old.tokenizer
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype)
+            model = load_causal_lm(checkpoint_dir, self.options, dtype=self.dtype)
             model.to(self.device).eval()
-            limit = getattr(model.config, "max_position_embeddings", None) or 2048
-            if self.cfg.max_model_len:
-                limit = min(limit, self.cfg.max_model_len)
-            eos = model.generation_config.eos_token_id
-            eos_ids = tuple(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-            if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-                eos_ids = (tokenizer.eos_token_id, *eos_ids)
+            limit = context_length(model.config, self.cfg.max_model_len)
+            eos_ids = stop_token_ids(tokenizer, model.generation_config, self.options.get("stop_tokens"))
             pad = tokenizer.pad_token_id
             if pad is None:
                 pad = eos_ids[0] if eos_ids else 0
-            self._state = _Loaded(model, tokenizer, str(path), int(limit), eos_ids, int(pad))
+            self._state = _Loaded(model, tokenizer, str(checkpoint_dir), int(limit), eos_ids, int(pad))
         # the old model is freed when the last generate call that holds it returns
 
     @property
@@ -191,7 +182,7 @@ class HFEngine(GenerationEngine):
             for j, seed in enumerate(request_seeds(p)):
                 rows.append((r, j, ids, p, seed, limit))
 
-        outputs: dict[tuple[int, int], tuple[str, int, str]] = {}
+        outputs: dict[tuple[int, int], tuple[str, int, str, str | None]] = {}
         for group in self._groups(rows, state.max_context):
             for row, out in zip(group, self._generate_group(state, group)):
                 outputs[(row[0], row[1])] = out
@@ -206,6 +197,7 @@ class HFEngine(GenerationEngine):
                 prompt_tokens=len(ids),
                 seeds=[row[4] for row in rows if row[0] == r],
                 checkpoint=state.checkpoint,
+                stop_tokens=[s[3] for s in samples],
             ))
         return results
 
@@ -224,7 +216,7 @@ class HFEngine(GenerationEngine):
         return groups
 
     @torch.inference_mode()
-    def _generate_group(self, state: _Loaded, group: list) -> list[tuple[str, int, str]]:
+    def _generate_group(self, state: _Loaded, group: list) -> list[tuple[str, int, str, str | None]]:
         width = max(len(row[2]) for row in group)
         steps = max(row[5] for row in group)
         input_ids = torch.full((len(group), width), state.pad_id, dtype=torch.long)
@@ -259,8 +251,9 @@ class HFEngine(GenerationEngine):
             stop_at = next((k for k, t in enumerate(toks) if t in eos_set), None)
             if stop_at is not None and stop_at < limit:
                 text_ids, count, reason = toks[:stop_at], stop_at + 1, "stop"
+                stop = state.tokenizer.convert_ids_to_tokens(toks[stop_at])
             else:  # reached its allowance (a forced end-of-sequence token is not part of the text)
-                text_ids, count, reason = toks[:limit], limit, "length"
+                text_ids, count, reason, stop = toks[:limit], limit, "length", None
             text = state.tokenizer.decode(text_ids, skip_special_tokens=True)
-            results.append((text, count, reason))
+            results.append((text, count, reason, stop))
         return results

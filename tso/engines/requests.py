@@ -3,7 +3,8 @@ in one process without Ray (``generate_requests``), so both paths parse and answ
 
 request: ``{"prompt": str | [{"role", "content"}], "n": 1, "temperature": None, "top_p": None,
 "max_new_tokens": None, "seed": None}`` (None: the caller's defaults, a ``SamplingConfig``).
-result: ``{"texts", "model", "checkpoint", "finish_reasons", "num_tokens", "prompt_tokens", "seeds"}``.
+result: ``{"texts", "model", "checkpoint", "finish_reasons", "stop_tokens", "num_tokens", "prompt_tokens",
+"seeds"}``.
 """
 
 from __future__ import annotations
@@ -103,10 +104,16 @@ def result_dict(result: GenerationResult, model: str) -> dict:
         "model": model,
         "checkpoint": result.checkpoint,
         "finish_reasons": result.finish_reasons,
+        "stop_tokens": result.stop_tokens or [None] * len(result.texts),
         "num_tokens": result.num_tokens,
         "prompt_tokens": result.prompt_tokens,
         "seeds": result.seeds,
     }
+
+
+def error_dict(e: EngineInputError) -> dict:
+    """A failed request in a list of results (``return_exceptions``): what went wrong, as data."""
+    return {"error": {"code": getattr(e, "code", "invalid_request"), "message": e.message, **e.details}}
 
 
 def generate_requests(engine: GenerationEngine, requests: list[dict], defaults=None, model: str = "",

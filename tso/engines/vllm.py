@@ -18,7 +18,6 @@ import gc
 import importlib.util
 import secrets
 import threading
-from pathlib import Path
 from typing import Any
 
 from tso.engines.base import GenerationEngine, GenerationResult, SamplingParams
@@ -45,10 +44,19 @@ def _finish_reason(reason: str | None) -> str:
     return "stop" if reason == "stop" else "length"  # vLLM: "stop" (EOS or stop string) | "length"
 
 
+def _stop_token(tokenizer, sample) -> str | None:
+    """vLLM's ``stop_reason`` is the stop token id (None when the model's own EOS ended it)."""
+    if sample.finish_reason != "stop":
+        return None
+    if isinstance(sample.stop_reason, int):
+        return tokenizer.convert_ids_to_tokens(sample.stop_reason)
+    return tokenizer.eos_token
+
+
 class VLLMEngine(GenerationEngine):
     name = "vllm"
 
-    def __init__(self, path: str, engine_cfg=None):
+    def __init__(self, path: str, engine_cfg=None, options: dict | None = None):
         if not vllm_available():
             raise ImportError(
                 "engine kind 'vllm' needs the vllm package (pip install 'tso[vllm]' on a CUDA machine); "
@@ -57,6 +65,7 @@ class VLLMEngine(GenerationEngine):
         from tso.config import EngineConfig
 
         self.cfg = engine_cfg or EngineConfig(kind="vllm")
+        self.options = dict(options or {})
         self._lock = threading.Lock()
         self._llm = None
         self._meta: tuple[Any, str, int] | None = None  # (tokenizer, checkpoint, max_context): kept during a swap
@@ -65,9 +74,11 @@ class VLLMEngine(GenerationEngine):
     def load(self, checkpoint_dir: str) -> None:
         from vllm import LLM
 
-        path = Path(checkpoint_dir)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no Hugging Face model directory at {path} (config.json missing)")
+        from tso.models.chat import apply_template_override, stop_token_ids
+        from tso.models.checkpoint import require_checkpoint
+
+        require_checkpoint(checkpoint_dir)
+        path = str(checkpoint_dir)  # a local directory or a hub id
         with self._lock:
             if self._llm is not None:  # vLLM holds the GPU: release the old engine before building the new one
                 self._llm = None
@@ -82,13 +93,18 @@ class VLLMEngine(GenerationEngine):
                 "model": str(path),
                 "dtype": self.cfg.dtype,
                 "gpu_memory_utilization": self.cfg.gpu_memory_utilization,
+                "trust_remote_code": bool(self.options.get("trust_remote_code")),
             }
+            if self.options.get("revision"):
+                kwargs["revision"] = self.options["revision"]
             if self.cfg.max_model_len:
                 kwargs["max_model_len"] = self.cfg.max_model_len
             llm = LLM(**kwargs)
             max_context = int(llm.llm_engine.model_config.max_model_len)
+            tokenizer = apply_template_override(llm.get_tokenizer(), self.options.get("chat_template"))
+            self._stop_ids = stop_token_ids(tokenizer, None, self.options.get("stop_tokens"))
             self._llm = llm
-            self._meta = (llm.get_tokenizer(), str(path), max_context)
+            self._meta = (tokenizer, str(path), max_context)
 
     @property
     def checkpoint(self) -> str:
@@ -111,7 +127,8 @@ class VLLMEngine(GenerationEngine):
         from vllm import SamplingParams as VSamplingParams
 
         vparams = [
-            VSamplingParams(**to_vllm_sampling_kwargs(p, min(p.max_new_tokens, max_context - len(ids))))
+            VSamplingParams(**to_vllm_sampling_kwargs(p, min(p.max_new_tokens, max_context - len(ids))),
+                            stop_token_ids=list(self._stop_ids))
             for ids, p in zip(prompts, params)
         ]
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], vparams, use_tqdm=False)
@@ -125,5 +142,6 @@ class VLLMEngine(GenerationEngine):
                 prompt_tokens=len(ids),
                 seeds=[vp.seed] * len(samples),
                 checkpoint=checkpoint,
+                stop_tokens=[_stop_token(self.tokenizer, s) for s in samples],
             ))
         return results

@@ -1,4 +1,4 @@
-"""Preference losses (TSO-METHOD.md section 5): tensors in, (loss, stats) out.
+"""Preference losses (docs/method.md section 5): tensors in, (loss, stats) out.
 
 Each function takes the summed response log-probs of the policy and the reference for the chosen
 (w) and rejected (l) answers, shape [B], and returns the mean loss and a dict of detached scalar

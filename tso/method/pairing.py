@@ -1,8 +1,12 @@
-"""Preference pair formation over plain records (TSO-METHOD.md sections 2-3, paper eq. 9).
+"""Preference pair formation over plain records (docs/method.md sections 2-3, paper eq. 9).
 
 Per prompt the pipeline gathers candidate answers: matrix positives (drawn from the alpha mixture),
 matrix negatives (gamma mixture) and, for prompts chosen for a self pair, the policy's own samples,
 all judged. This module turns those candidates into pairs with provenance; it does no I/O.
+
+Every candidate carries how its generation ended (``finish_reason`` "stop" or "length", and the stop
+token), so a pair says whether each side is a finished answer; training appends an end-of-turn
+token only to finished ones. A side with no usable candidate gives no pair, with its reason.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ class Candidate:
     source: str  # a matrix model name, "human", or "policy"
     score: float | None = None  # judge score; None = unscored (or not judged)
     unscored_reason: str | None = None
+    finish_reason: str = "stop"  # "length": cut by max_new_tokens or the context (kept with pairs.truncated: keep)
+    stop_token: str | None = None  # the token that ended the generation (None: human, or cut by length)
 
 
 @dataclass
@@ -30,11 +36,15 @@ class Pair:
     rejected_source: str
     chosen_score: float | None
     rejected_score: float | None
-    kind: str  # matrix | self | self_chosen | self_rejected
+    kind: str  # matrix | self | self_chosen | self_rejected | self_reward
     stage: int
     seed: int
     alpha_renormalized: bool = False
     self_scores: list[float | None] = field(default_factory=list)
+    chosen_finish_reason: str = "stop"
+    rejected_finish_reason: str = "stop"
+    chosen_stop_token: str | None = None
+    rejected_stop_token: str | None = None
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -104,7 +114,8 @@ def form_pairs(
     try_self: bool,
     alpha_renormalized: bool = False,
 ) -> tuple[list[Pair], dict[str, int]]:
-    """Pairs for one prompt and counts of what happened (kinds, filtered).
+    """Pairs for one prompt and counts of what happened (kinds, filtered, and ``no_positive`` /
+    ``no_negative`` / ``no_self_pair`` when a side has no candidate).
 
     Matrix pairs zip positives with negatives (the longer list cycles). A self-pair prompt pairs the
     policy's best against its worst when both qualify; when one side qualifies it is paired with a
@@ -121,10 +132,12 @@ def form_pairs(
         combos, kind = [(best, worst)], "self_reward"
     elif self_pos is not None and self_neg is not None:
         combos, kind = [(self_pos, self_neg)], "self"
-    elif self_pos is not None:
+    elif self_pos is not None and negatives:
         combos, kind = [(self_pos, negatives[0])], "self_chosen"
-    elif self_neg is not None:
+    elif self_neg is not None and positives:
         combos, kind = [(positives[0], self_neg)], "self_rejected"
+    elif not positives or not negatives:
+        return [], {"no_positive" if not positives else "no_negative": 1}
     else:
         n = max(len(positives), len(negatives))
         combos, kind = [(positives[i % len(positives)], negatives[i % len(negatives)]) for i in range(n)], "matrix"
@@ -149,6 +162,10 @@ def form_pairs(
                 seed=seed,
                 alpha_renormalized=alpha_renormalized,
                 self_scores=[s.score for s in self_samples],
+                chosen_finish_reason=chosen.finish_reason,
+                rejected_finish_reason=rejected.finish_reason,
+                chosen_stop_token=chosen.stop_token,
+                rejected_stop_token=rejected.stop_token,
             )
         )
     return pairs, counts

@@ -1,4 +1,4 @@
-"""Positive and negative sources of the model matrix and their mixing weights (TSO-METHOD.md section 1).
+"""Positive and negative sources of the model matrix and their mixing weights (docs/method.md section 1).
 
 Defaults follow the paper: positives are the newest version of the largest size plus the human
 responses (alpha 0.5 / 0.5); negatives are earlier versions of the base's size and every version of

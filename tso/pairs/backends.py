@@ -14,11 +14,14 @@ POLICY = "policy"
 
 
 class Backend(Protocol):
+    """A request at fault answers ``{"error": {"code", "message", ...}}`` in its place; the others of
+    the call are answered. A judge prompt too long for the judge is unscored (reason ``too_long``)."""
+
     def generate(self, requests: list[tuple[str, dict]]) -> list[dict]:
-        """[(model name or "policy", request)] -> [{"texts": [...], "checkpoint": ...}]"""
+        """[(model name or "policy", request)] -> [{"texts", "finish_reasons", "stop_tokens", ...} | error]"""
 
     def score(self, requests: list[dict]) -> list[dict]:
-        """[{"prompt", "response"}] -> [{"score": float | None, "reason": str | None, ...}]"""
+        """[{"prompt", "response"}] -> [{"score": float | None, "reason": str | None, ...} | error]"""
 
 
 def deployment_name(model: str) -> str:
@@ -48,7 +51,8 @@ class ServeBackend:
         for deployment, indices in by_deployment.items():
             handle = self._handle(deployment)
             for chunk in _chunks(indices, self.chunk):
-                calls.append((chunk, handle.generate_many.remote([requests[i][1] for i in chunk])))
+                calls.append((chunk, handle.generate_many.remote([requests[i][1] for i in chunk],
+                                                                 return_exceptions=True)))
         out: list = [None] * len(requests)
         for chunk, response in calls:
             for i, result in zip(chunk, response.result()):
@@ -57,7 +61,8 @@ class ServeBackend:
 
     def score(self, requests: list[dict]) -> list[dict]:
         judge = self._handle("judge")
-        calls = [judge.score_many.remote(chunk) for chunk in _chunks(list(requests), self.chunk)]
+        calls = [judge.score_many.remote(chunk, return_exceptions=True, too_long="unscored")
+                 for chunk in _chunks(list(requests), self.chunk)]
         return [result for call in calls for result in call.result()]
 
 
@@ -70,12 +75,13 @@ class LocalBackend:
 
     def __init__(self, cfg, policy_path: str | None = None, judge_path: str | None = None):
         from tso.engines.base import make_engine
+        from tso.models.checkpoint import checkpoint_options, judge_options
         from tso.serving.judge import JudgeScorer
 
-        self.engines = {m.name: make_engine(m.engine, m.path) for m in cfg.matrix.models}
+        self.engines = {m.name: make_engine(m.engine, m.path, checkpoint_options(m)) for m in cfg.matrix.models}
         base = cfg.matrix.entry(cfg.matrix.base)
-        self.engines[POLICY] = make_engine(base.engine, policy_path or base.path)
-        judge_engine = make_engine(cfg.judge.engine, judge_path or cfg.judge.path or base.path)
+        self.engines[POLICY] = make_engine(base.engine, policy_path or base.path, checkpoint_options(base))
+        judge_engine = make_engine(cfg.judge.engine, judge_path or cfg.judge.path or base.path, judge_options(cfg))
         self.judge = JudgeScorer(cfg.judge, judge_engine, seed=cfg.seed)
         self.defaults = cfg.pairs.sampling
 
@@ -87,10 +93,18 @@ class LocalBackend:
         for i, (model, _) in enumerate(requests):
             by_model.setdefault(model, []).append(i)
         for model, idx in by_model.items():
-            results = generate_requests(self.engines[model], [requests[i][1] for i in idx], self.defaults, model)
+            results = generate_requests(self.engines[model], [requests[i][1] for i in idx], self.defaults, model,
+                                        return_exceptions=True)
             for i, res in zip(idx, results):
-                out[i] = res
+                out[i] = _as_dict(res)
         return out  # type: ignore[return-value]
 
     def score(self, requests: list[dict]) -> list[dict]:
-        return self.judge.score_batch(requests)
+        return [_as_dict(r) for r in self.judge.score_batch(requests, return_exceptions=True, too_long="unscored")]
+
+
+def _as_dict(result) -> dict:
+    from tso.engines.base import EngineInputError
+    from tso.engines.requests import error_dict
+
+    return error_dict(result) if isinstance(result, EngineInputError) else result

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tso.commands import add_set_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pairs", help="form preference pairs (Ray Data through the Serve deployments)")
@@ -15,18 +17,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per Ray Data batch")
     p.add_argument("--concurrency", type=int, default=2, help="Ray Data actors calling the deployments")
     p.add_argument("--local", action="store_true", help="no Ray: run the same engines in this process")
+    add_set_argument(p)
     p.set_defaults(func=_pairs)
 
 
 def _pairs(args) -> int:
     import json
 
-    from tso.config import load_config, resolve_config_ref
+    from tso.config import load_config_ref
+    from tso.models.preflight import check_models
     from tso.pairs.pipeline import form_pairs_step
 
-    path = resolve_config_ref(args.config)
-    cfg = load_config(path)
-    cfg.require_model_dirs(str(path))
+    cfg, path = load_config_ref(args.config, args.set)
+    check_models(cfg, path)
     out = Path(args.out or Path(cfg.run_dir) / f"stage-{args.stage}" / "pairs").absolute()
     if args.local:
         from tso.pairs.backends import LocalBackend

@@ -1,10 +1,18 @@
 """The pair-formation step: prompts -> (Ray Data) -> Serve deployments -> preference pairs.
 
-Per prompt (TSO-METHOD.md sections 1-3): draw positive sources from alpha and negative sources from
+Per prompt (docs/method.md sections 1-3): draw positive sources from alpha and negative sources from
 gamma, generate their answers, judge them; for prompts drawn for a self pair, sample the policy
 n_self times and judge each; then `tso.method.pairing.form_pairs` makes the pairs. Every random
 choice is keyed by (seed, stage, prompt id, role), so the same inputs give the same pairs whatever
 the batching, replica count or row order.
+
+Nothing about one row fails the stage. Rows are checked before any model call (``prompts`` for
+structure and encoding, ``limits`` for token lengths against each model). An answer cut by
+``max_new_tokens`` or the context is *truncated*: with ``pairs.truncated: drop`` (the default) it is
+left out and its side is drawn again from the same mixture (a keyed redraw, at most
+``pairs.max_redraws`` times), with ``keep`` it is used and trained without an end-of-turn token.
+A request that fails inside a deployment (an input error) costs its source for that row: the side
+is redrawn from the other sources, and a row left without a pair is a reject naming the source.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tso.method.pairing import Candidate, PairRules, form_pairs, tries_self_pair
@@ -21,6 +29,8 @@ from tso.pairs.backends import POLICY, Backend
 from tso.pairs.prompts import as_chat
 
 SCORE_BINS = [2, 3, 4, 5, 6, 7, 8, 9, 10]
+#: counts of form_pairs that are not pair kinds
+NO_PAIR_KEYS = ("filtered", "no_positive", "no_negative", "no_self_pair")
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,8 @@ class PairJob:
     sampling: dict  # temperature, top_p, max_new_tokens
     stage: int
     seed: int
+    truncated: str = "drop"
+    max_redraws: int = 2
 
     @classmethod
     def from_config(cls, cfg, stage: int) -> PairJob:
@@ -48,7 +60,16 @@ class PairJob:
             sampling=p.sampling.model_dump(),
             stage=stage,
             seed=cfg.seed,
+            truncated=p.truncated,
+            max_redraws=p.max_redraws,
         )
+
+
+def _available(job: PairJob, row: dict, side: str, exclude: set[str] = frozenset()) -> set[str]:
+    """The sources a row can draw from: weight above 0, not too short a context, no failure yet."""
+    weights = job.mixtures.alpha if side == "pos" else job.mixtures.gamma
+    gone = set(row.get("unavailable") or ()) | set(exclude) | ({HUMAN} if row.get("human") is None else set())
+    return {n for n, w in weights.items() if w > 0 and n not in gone}
 
 
 def _plan_row(job: PairJob, row: dict) -> dict:
@@ -56,83 +77,162 @@ def _plan_row(job: PairJob, row: dict) -> dict:
     pid, stage, seed = row["id"], job.stage, job.seed
     if job.rules.mode == "self_reward":  # no matrix answers: the policy's own samples only
         return {"pos": [], "neg": [], "try_self": True, "renorm": False, "self_seed": row_seed(seed, stage, pid, "self")}
-    available = set(job.mixtures.alpha) - ({HUMAN} if row.get("human") is None else set())
     pos, neg, renorm = [], [], False
-    rng = row_rng(seed, stage, pid, "pos")
-    for k in range(job.n_pos):
-        src, r = draw_source(job.mixtures.alpha, rng, available)
-        renorm |= r
-        pos.append((src, row_seed(seed, stage, pid, f"pos{k}")))
-    rng = row_rng(seed, stage, pid, "neg")
-    for k in range(job.n_neg):
-        src, _ = draw_source(job.mixtures.gamma, rng)
-        neg.append((src, row_seed(seed, stage, pid, f"neg{k}")))
+    for side, count, out in (("pos", job.n_pos, pos), ("neg", job.n_neg, neg)):
+        weights = job.mixtures.alpha if side == "pos" else job.mixtures.gamma
+        available = _available(job, row, side)
+        rng = row_rng(seed, stage, pid, side)
+        for k in range(count):
+            src, r = draw_source(weights, rng, available)
+            renorm |= r and side == "pos"
+            out.append((src, row_seed(seed, stage, pid, f"{side}{k}")))
     try_self = job.n_self > 0 and tries_self_pair(seed, stage, pid, job.rules.self_pair_fraction)
     return {"pos": pos, "neg": neg, "try_self": try_self, "renorm": renorm, "self_seed": row_seed(seed, stage, pid, "self")}
 
 
+def _redraw(job: PairJob, row: dict, side: str, k: int, attempt: int, exclude: set[str]) -> tuple[str, int] | None:
+    """Another keyed draw for a side whose answer was dropped or failed (None: no source left)."""
+    available = _available(job, row, side, exclude)
+    if not available:
+        return None
+    role = f"{side}{k}-redraw{attempt}"
+    weights = job.mixtures.alpha if side == "pos" else job.mixtures.gamma
+    src, _ = draw_source(weights, row_rng(job.seed, job.stage, row["id"], role), available)
+    return src, row_seed(job.seed, job.stage, row["id"], role)
+
+
+@dataclass
+class _RowState:
+    """What happened to one prompt row while its answers were generated."""
+
+    candidates: dict[str, list[Candidate | None]]
+    truncated: list[str] = field(default_factory=list)  # source of every truncated answer
+    failed: list[dict] = field(default_factory=list)  # {"source", "code", "message"}
+    redrawn: list[tuple[str, str]] = field(default_factory=list)  # (side, source) of every redraw
+    excluded: dict[str, set[str]] = field(default_factory=lambda: {"pos": set(), "neg": set()})
+
+
+def _request(row: dict, job: PairJob, n: int, seed: int) -> dict:
+    return {"prompt": as_chat(row["prompt"]), "n": n, "seed": seed, **job.sampling}
+
+
+def _samples(result: dict, source: str) -> list[Candidate]:
+    stops = result.get("stop_tokens") or [None] * len(result["texts"])
+    return [Candidate(t, source, finish_reason=f, stop_token=s)
+            for t, f, s in zip(result["texts"], result["finish_reasons"], stops)]
+
+
+def _generate_sides(job: PairJob, rows: list[dict], plans: list[dict], backend: Backend) -> list[_RowState]:
+    """Matrix answers (with keyed redraws of dropped or failed ones) and the policy's own samples."""
+    states = [_RowState({"pos": [None] * len(p["pos"]), "neg": [None] * len(p["neg"]), "self": []}) for p in plans]
+    pending: list[tuple[int, str, int, str, int]] = []  # (row, side, k, source, seed)
+    for i, (row, plan) in enumerate(zip(rows, plans)):
+        for side in ("pos", "neg"):
+            for k, (src, seed) in enumerate(plan[side]):
+                if src == HUMAN:
+                    states[i].candidates[side][k] = Candidate(row["human"], HUMAN)
+                else:
+                    pending.append((i, side, k, src, seed))
+    self_rows = [i for i, p in enumerate(plans) if p["try_self"]]
+    for attempt in range(job.max_redraws + 1):
+        requests = [(src, _request(rows[i], job, 1, seed)) for i, _, _, src, seed in pending]
+        if attempt == 0:
+            requests += [(POLICY, _request(rows[i], job, job.n_self, plans[i]["self_seed"])) for i in self_rows]
+        results = backend.generate(requests) if requests else []
+        retry = []
+        for (i, side, k, src, _), result in zip(pending, results):
+            state = states[i]
+            if "error" in result:
+                state.failed.append({"source": src, **result["error"]})
+                state.excluded[side].add(src)
+                retry.append((i, side, k))
+                continue
+            cand = _samples(result, src)[0]
+            if cand.finish_reason == "length":
+                state.truncated.append(src)
+                if job.truncated == "drop":
+                    retry.append((i, side, k))
+                    continue
+            state.candidates[side][k] = cand
+        if attempt == 0:
+            for i, result in zip(self_rows, results[len(pending):]):
+                state = states[i]
+                if "error" in result:
+                    state.failed.append({"source": POLICY, **result["error"]})
+                    continue
+                samples = _samples(result, POLICY)
+                state.truncated += [POLICY for c in samples if c.finish_reason == "length"]
+                state.candidates["self"] = [c for c in samples if job.truncated == "keep" or c.finish_reason == "stop"]
+        pending = []
+        if attempt == job.max_redraws:
+            break
+        for i, side, k in retry:
+            drawn = _redraw(job, rows[i], side, k, attempt + 1, states[i].excluded[side])
+            if drawn is None:
+                continue
+            states[i].redrawn.append((side, drawn[0]))
+            if drawn[0] == HUMAN:
+                states[i].candidates[side][k] = Candidate(rows[i]["human"], HUMAN)
+            else:
+                pending.append((i, side, k, drawn[0], drawn[1]))
+        if not pending:
+            break
+    return states
+
+
+def _judge(rows: list[dict], states: list[_RowState], backend: Backend) -> None:
+    """Score every candidate in place; a judge answer without a score stays unscored with its reason."""
+    slots, requests = [], []
+    for i, (row, state) in enumerate(zip(rows, states)):
+        for side, cands in state.candidates.items():
+            for k, c in enumerate(cands):
+                if c is not None:
+                    slots.append((i, side, k))
+                    requests.append({"prompt": row["prompt"], "response": c.text})
+    for (i, side, k), verdict in zip(slots, backend.score(requests) if requests else []):
+        c = states[i].candidates[side][k]
+        if "error" in verdict:
+            states[i].failed.append({"source": "judge", **verdict["error"]})
+            score, reason = None, f"judge_error:{verdict['error'].get('code', 'error')}"
+        else:
+            score, reason = verdict.get("score"), verdict.get("reason")
+        states[i].candidates[side][k] = Candidate(c.text, c.source, score, reason, c.finish_reason, c.stop_token)
+
+
 def form_batch(job: PairJob, rows: list[dict], backend: Backend) -> list[dict]:
-    """Pairs and per-prompt statistics for a batch of prompt rows; all requests of the batch go out at once."""
+    """Pairs and per-prompt statistics for a batch of prompt rows; all requests of a round go out at once."""
     plans = [_plan_row(job, r) for r in rows]
-    gen_requests: list[tuple[str, dict]] = []
-    slots: list[tuple[int, str, int]] = []  # (row index, kind "pos"/"neg"/"self", position)
-    for i, (row, plan) in enumerate(zip(rows, plans)):
-        for kind in ("pos", "neg"):
-            for k, (src, s) in enumerate(plan[kind]):
-                if src != HUMAN:
-                    gen_requests.append((src, {"prompt": as_chat(row["prompt"]), "n": 1, "seed": s, **job.sampling}))
-                    slots.append((i, kind, k))
-        if plan["try_self"]:
-            req = {"prompt": as_chat(row["prompt"]), "n": job.n_self, "seed": plan["self_seed"], **job.sampling}
-            gen_requests.append((POLICY, req))
-            slots.append((i, "self", 0))
-    generated = backend.generate(gen_requests) if gen_requests else []
-
-    texts: dict[tuple[int, str, int], list[str]] = {}
-    for slot, result in zip(slots, generated):
-        texts[slot] = list(result["texts"])
-    candidates: list[dict[str, list[tuple[str, str]]]] = []  # per row: kind -> [(source, text)]
-    for i, (row, plan) in enumerate(zip(rows, plans)):
-        c = {"pos": [], "neg": [], "self": []}
-        for kind in ("pos", "neg"):
-            for k, (src, _) in enumerate(plan[kind]):
-                c[kind].append((src, row["human"] if src == HUMAN else texts[(i, kind, k)][0]))
-        if plan["try_self"]:
-            c["self"] = [(POLICY, t) for t in texts[(i, "self", 0)]]
-        candidates.append(c)
-
-    score_requests, score_slots = [], []
-    for i, (row, c) in enumerate(zip(rows, candidates)):
-        for kind in ("pos", "neg", "self"):
-            for k, (_, text) in enumerate(c[kind]):
-                score_requests.append({"prompt": row["prompt"], "response": text})
-                score_slots.append((i, kind, k))
-    verdicts = dict(zip(score_slots, backend.score(score_requests) if score_requests else []))
-
+    states = _generate_sides(job, rows, plans, backend)
+    _judge(rows, states, backend)
     out = []
-    for i, (row, plan, c) in enumerate(zip(rows, plans, candidates)):
-        judged = {
-            kind: [
-                Candidate(text, src, verdicts[(i, kind, k)].get("score"), verdicts[(i, kind, k)].get("reason"))
-                for k, (src, text) in enumerate(c[kind])
-            ]
-            for kind in c
-        }
+    for row, plan, state in zip(rows, plans, states):
+        judged = {side: [c for c in cands if c is not None] for side, cands in state.candidates.items()}
         pairs, counts = form_pairs(
             row["id"], row["prompt"], judged["pos"], judged["neg"], judged["self"], job.rules,
-            stage=job.stage, seed=job.seed, try_self=plan["try_self"], alpha_renormalized=plan["renorm"],
+            stage=job.stage, seed=job.seed, try_self=plan["try_self"],
+            alpha_renormalized=plan["renorm"],
         )
-        all_judged = [cand for kind in judged.values() for cand in kind]
-        out.append(
-            {
-                "id": row["id"],
-                "pairs": [p.to_row() for p in pairs],
-                "counts": counts,
-                "sources": {"pos": [s for s, _ in c["pos"]], "neg": [s for s, _ in c["neg"]]},
-                "scores": {kind: [x.score for x in judged[kind]] for kind in judged},
-                "unscored": [x.unscored_reason or "unscored" for x in all_judged if x.score is None],
-            }
-        )
+        all_judged = [c for cands in judged.values() for c in cands]
+        reject = None
+        if not pairs and state.failed:
+            first = state.failed[0]
+            reject = {"line": row.get("line"), "id": row["id"], "reason": "generation_failed"
+                      if first["source"] != "judge" else "judge_failed", "source": first["source"],
+                      "detail": first.get("message", ""), "scope": "row"}
+        out.append({
+            "id": row["id"],
+            "pairs": [p.to_row() for p in pairs],
+            "counts": counts,
+            "sources": {"pos": [s for s, _ in plan["pos"]], "neg": [s for s, _ in plan["neg"]]},
+            "scores": {side: [c.score for c in judged[side]] for side in judged},
+            "unscored": [c.unscored_reason or "unscored" for c in all_judged if c.score is None],
+            "judged": len(all_judged),
+            "truncated": state.truncated,
+            "failed": state.failed,
+            "redrawn": state.redrawn,
+            "unavailable": list(row.get("unavailable") or ()),
+            "reject": reject,
+        })
     return out
 
 
@@ -145,17 +245,16 @@ class _RayPairFormer:
         self.job, self.backend = job, ServeBackend(app_name)
 
     def __call__(self, batch: dict) -> dict:
-        rows = [
-            {"id": i, "prompt": json.loads(p), "human": h}
-            for i, p, h in zip(batch["id"], batch["prompt_json"], batch["human"])
-        ]
+        rows = [json.loads(r) for r in batch["row_json"]]
         results = form_batch(self.job, rows, self.backend)
         return {"id": [r["id"] for r in results], "result_json": [json.dumps(r) for r in results]}
 
 
 def _to_dataset_rows(rows: list[dict]) -> list[dict]:
-    # Chats are lists of dicts: JSON-encode prompts so Arrow sees one column type.
-    return [{"id": r["id"], "prompt_json": json.dumps(r["prompt"]), "human": r.get("human")} for r in rows]
+    """Each row as one JSON string: Arrow infers no column types (a column of chats, or one whose every
+    human answer is missing, would otherwise come out as lists of structs or nulls/NaN)."""
+    keep = ("id", "prompt", "human", "line", "unavailable")
+    return [{"id": r["id"], "row_json": json.dumps({k: r.get(k) for k in keep})} for r in rows]
 
 
 def run_with_ray_data(job: PairJob, rows: list[dict], app_name: str, batch_size: int = 16, concurrency: int = 2):
@@ -179,20 +278,30 @@ def run_local(job: PairJob, rows: list[dict], backend: Backend, batch_size: int 
         yield from form_batch(job, rows[start : start + batch_size], backend)
 
 
-def summarize(results: list[dict], rejects: list[dict], over_limit: int, seconds: float) -> dict:
+def summarize(results: list[dict], rejects: list[dict], over_limit: int, seconds: float,
+              human_dropped: int = 0, truncated_action: str = "drop") -> dict:
     counts: Counter = Counter()
     chosen_src: Counter = Counter()
     rejected_src: Counter = Counter()
     drawn_pos: Counter = Counter()
     drawn_neg: Counter = Counter()
     unscored: Counter = Counter()
+    truncated: Counter = Counter()
+    failed: Counter = Counter()
+    redrawn: Counter = Counter()
+    unavailable: Counter = Counter()
     hist = {k: Counter() for k in ("pos", "neg", "self", "chosen", "rejected")}
-    n_pairs = 0
+    n_pairs = judged = 0
     for r in results:
         counts.update(r["counts"])
         drawn_pos.update(r["sources"]["pos"])
         drawn_neg.update(r["sources"]["neg"])
         unscored.update(r["unscored"])
+        truncated.update(r.get("truncated", []))
+        failed.update(f["source"] for f in r.get("failed", []))
+        redrawn.update(src for _, src in r.get("redrawn", []))
+        unavailable.update(r.get("unavailable", []))
+        judged += r.get("judged", 0)
         for kind in ("pos", "neg", "self"):
             hist[kind].update(_bin(s) for s in r["scores"][kind])
         for p in r["pairs"]:
@@ -201,16 +310,25 @@ def summarize(results: list[dict], rejects: list[dict], over_limit: int, seconds
             rejected_src[p["rejected_source"]] += 1
             hist["chosen"][_bin(p["chosen_score"])] += 1
             hist["rejected"][_bin(p["rejected_score"])] += 1
+    scored = judged - sum(unscored.values())
     return {
         "prompts": len(results),
         "pairs": n_pairs,
-        "pair_kinds": dict(counts),
+        "pair_kinds": {k: v for k, v in counts.items() if k not in NO_PAIR_KEYS},
+        "no_pair": {k: v for k, v in counts.items() if k in NO_PAIR_KEYS},
         "drawn_sources": {"positive": dict(drawn_pos), "negative": dict(drawn_neg)},
+        "redrawn_sources": dict(redrawn),
+        "unavailable_sources": dict(unavailable),
         "pair_sources": {"chosen": dict(chosen_src), "rejected": dict(rejected_src)},
         "score_histograms": {k: dict(sorted(v.items())) for k, v in hist.items()},
+        "judge": {"judged": judged, "scored": scored, "parse_rate": round(scored / judged, 4) if judged else None},
         "unscored_judge_answers": dict(unscored),
-        "rejects": dict(Counter(r["reason"] for r in rejects)),
-        "rejected_rows": len(rejects),
+        "truncated": dict(truncated),
+        "truncated_action": truncated_action,
+        "failed_requests": dict(failed),
+        "rejects": dict(Counter(r["reason"] for r in rejects if r.get("scope", "row") == "row")),
+        "rejected_rows": sum(1 for r in rejects if r.get("scope", "row") == "row"),
+        "human_answers_dropped": human_dropped,
         "over_max_prompts": over_limit,
         "seconds": round(seconds, 3),
         "pairs_per_second": round(n_pairs / seconds, 3) if seconds > 0 else None,
@@ -240,7 +358,10 @@ def write_outputs(out_dir: Path, results: list[dict], summary: dict, rejects: li
             ("chosen_source", pa.string()), ("rejected_source", pa.string()),
             ("chosen_score", pa.float64()), ("rejected_score", pa.float64()), ("kind", pa.string()),
             ("stage", pa.int64()), ("seed", pa.int64()), ("alpha_renormalized", pa.bool_()),
-            ("self_scores", pa.list_(pa.float64())), ("prompt_messages", pa.string()),
+            ("self_scores", pa.list_(pa.float64())),
+            ("chosen_finish_reason", pa.string()), ("rejected_finish_reason", pa.string()),
+            ("chosen_stop_token", pa.string()), ("rejected_stop_token", pa.string()),
+            ("prompt_messages", pa.string()),
         ]
     )
     paths = {
@@ -250,6 +371,28 @@ def write_outputs(out_dir: Path, results: list[dict], summary: dict, rejects: li
     write_rejects(rejects, paths["rejects"])
     paths["summary"] = atomic_write_json(out_dir / "summary.json", summary)  # written last: marks the step done
     return paths
+
+
+def check_rows(cfg, rows: list[dict], policy_path: str | None = None, progress: bool = True
+               ) -> tuple[list[dict], list[dict], int]:
+    """Token-length checks of every row against the models that will see it (``limits``), in this
+    process, before any model call. Returns (usable rows, rejects, human answers dropped)."""
+    from tqdm import tqdm
+
+    from tso.pairs.limits import RowLimits
+
+    limits = RowLimits(cfg, policy_path=policy_path)
+    kept, rejects, dropped = [], [], 0
+    for row in tqdm(rows, desc="check prompt lengths", unit="prompt", disable=not progress, mininterval=2):
+        row, reject, human = limits.check(row)
+        if human is not None:
+            rejects.append(human)
+            dropped += 1
+        if reject is not None:
+            rejects.append(reject)
+        else:
+            kept.append(row)
+    return kept, rejects, dropped
 
 
 def form_pairs_step(cfg, stage: int, out_dir: str | Path, *, app_name: str | None = None, backend: Backend | None = None,
@@ -263,14 +406,18 @@ def form_pairs_step(cfg, stage: int, out_dir: str | Path, *, app_name: str | Non
         raise ValueError("pairs.prompts is not set: give a prompts JSONL/Parquet file")
     out_dir = Path(out_dir)
     prompts = read_prompts(cfg.pairs.prompts, cfg.pairs.max_prompt_chars, cfg.pairs.max_prompts)
+    rows, length_rejects, human_dropped = check_rows(cfg, prompts.rows, progress=progress)
     job = PairJob.from_config(cfg, stage)
     start = time.perf_counter()
     if backend is None:
-        stream = run_with_ray_data(job, prompts.rows, app_name or cfg.serve.app_name, batch_size, concurrency)
+        stream = run_with_ray_data(job, rows, app_name or cfg.serve.app_name, batch_size, concurrency)
     else:
-        stream = run_local(job, prompts.rows, backend, batch_size)
-    results = list(tqdm(stream, total=len(prompts.rows), desc=f"pairs stage {stage}", unit="prompt", disable=not progress))
-    summary = summarize(results, prompts.rejects, prompts.over_limit, time.perf_counter() - start)
+        stream = run_local(job, rows, backend, batch_size)
+    results = list(tqdm(stream, total=len(rows), desc=f"pairs stage {stage}", unit="prompt", disable=not progress))
+    rejects = prompts.rejects + length_rejects + [r["reject"] for r in results if r.get("reject")]
+    rejects.sort(key=lambda r: (r.get("line") or 0, r.get("scope", "row")))
+    summary = summarize(results, rejects, prompts.over_limit, time.perf_counter() - start, human_dropped,
+                        cfg.pairs.truncated)
     summary.update({"stage": stage, "seed": cfg.seed, "prompts_file": cfg.pairs.prompts})
-    paths = write_outputs(out_dir, results, summary, prompts.rejects)
+    paths = write_outputs(out_dir, results, summary, rejects)
     return {"summary": summary, **{f"{k}_path": str(v) for k, v in paths.items()}}

@@ -2,14 +2,18 @@
 
 A row: {"prompt": str | [{"role", "content"}, ...], "human": optional str, "id": optional str|int,
 "metadata": optional object}. "human_response" is accepted as an alias of "human"; any other field
-(e.g. the toy world's "family") is kept in the row's metadata. Nothing is
-silently dropped: each rejected row goes to the rejects file with its line (JSONL, 1-based) or row
-number (Parquet, 1-based) and the reason, and is counted in the summary.
+(e.g. the toy world's "family") is kept in the row's metadata. A null human answer (or NaN, as a
+column without any answer can come out of a dataframe) is no human answer. Nothing is silently
+dropped: each rejected row goes to the rejects file with its line (JSONL, 1-based) or row number
+(Parquet, 1-based) and the reason, and is counted in the summary. A line that is not valid UTF-8, or
+text holding a lone surrogate (``"\ud800"`` in JSON), is a reject: no tokenizer or JSON writer
+downstream could take it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,16 +66,44 @@ def _check_prompt(prompt) -> str | None:
     return "bad_prompt_type"
 
 
+def _lone_surrogate(value) -> str | None:
+    """The first string holding a lone surrogate (not encodable as UTF-8), if any."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"lone surrogate U+{ord(value[e.start]):04X} at character {e.start}"
+        return None
+    if isinstance(value, dict):
+        value = list(value.keys()) + list(value.values())
+    if isinstance(value, list):
+        return next((p for p in map(_lone_surrogate, value) if p), None)
+    return None
+
+
+def _no_answer(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def reject_record(number: int, reason: str, detail: str = "", raw="", **extra) -> dict:
+    shown = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=True)
+    return {"line": number, "reason": reason, "detail": detail, "raw": shown[:2000], **extra}
+
+
 def validate_row(raw, number: int, max_chars: int, seen_ids: set[str]) -> tuple[dict | None, dict | None]:
     """(row, None) for a good row, (None, reject) for a bad one."""
 
     def reject(reason: str, detail: str = "") -> tuple[None, dict]:
-        shown = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)
-        return None, {"line": number, "reason": reason, "detail": detail, "raw": shown[:2000]}
+        return None, reject_record(number, reason, detail, raw)
 
     if not isinstance(raw, dict):
         return reject("not_an_object", f"got {type(raw).__name__}")
+    bad_text = _lone_surrogate(raw)
+    if bad_text:
+        return reject("invalid_unicode", bad_text)
     human = raw.get("human", raw.get("human_response"))
+    if _no_answer(human):
+        human = None
     problem = _check_prompt(raw.get("prompt"))
     if problem:
         return reject(problem)
@@ -102,8 +134,14 @@ def _raw_rows(path: Path):
         for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
             yield i, {k: v for k, v in row.items() if v is not None}
         return
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
-        for i, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for i, data in enumerate(f, start=1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield i, _BadBytes(data.decode("utf-8", errors="replace").rstrip("\n"),
+                                   f"byte 0x{data[e.start]:02x} at offset {e.start} is not valid UTF-8")
+                continue
             if not line.strip():
                 yield i, _BlankLine()
                 continue
@@ -120,6 +158,10 @@ class _BadJson(str):
         return obj
 
 
+class _BadBytes(_BadJson):
+    pass
+
+
 class _BlankLine(str):
     pass
 
@@ -132,10 +174,11 @@ def read_prompts(path: str | Path, max_chars: int = 8192, max_prompts: int | Non
     seen: set[str] = set()
     for number, raw in _raw_rows(path):
         if isinstance(raw, _BlankLine):
-            out.rejects.append({"line": number, "reason": "blank_line", "detail": "", "raw": ""})
+            out.rejects.append(reject_record(number, "blank_line"))
             continue
         if isinstance(raw, _BadJson):
-            out.rejects.append({"line": number, "reason": "invalid_json", "detail": raw.error, "raw": str(raw)[:2000]})
+            reason = "invalid_utf8" if isinstance(raw, _BadBytes) else "invalid_json"
+            out.rejects.append(reject_record(number, reason, raw.error, str(raw)))
             continue
         row, rej = validate_row(raw, number, max_chars, seen)
         if rej:
@@ -150,4 +193,4 @@ def read_prompts(path: str | Path, max_chars: int = 8192, max_prompts: int | Non
 def write_rejects(rejects: list[dict], path: str | Path) -> None:
     from tso.io import atomic_write_text
 
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects))

@@ -1,6 +1,7 @@
 """Held-out evaluation: each model answers the evaluation prompts with the paper's decoding settings;
-the judge (a Serve deployment) scores every answer and, in the toy world, the verifier gives the
-ground truth; win rates are taken against the base model's answers to the same prompts."""
+the judge (a Serve deployment) scores every answer and, when a verifier is configured, it gives the
+ground truth; win rates are taken per prompt against the base model's answer to the same prompt
+(on the verifier when there is one, else on the judge's scores: then it says so)."""
 
 from __future__ import annotations
 
@@ -12,42 +13,36 @@ from tso.io import atomic_write_json, atomic_write_text
 from tso.method.sources import row_seed
 
 
-def _generate_answers(engine_cfg: dict, path: str, rows: list[dict], sampling: dict, seed: int) -> list[str]:
-    """Runs where Ray places it (a task with the model's resources): load once, generate in batches."""
+def _generate_answers(engine_cfg: dict, path: str, rows: list[dict], sampling: dict, seed: int,
+                      options: dict | None = None) -> list[dict]:
+    """Runs where Ray places it (a task with the model's resources): load once, generate in batches.
+    One answer per row: {"text", "finish_reason"} or {"error"} for a prompt the model cannot take."""
     from tso.config import EngineConfig
     from tso.engines.base import make_engine
     from tso.engines.requests import generate_requests
-
-    engine = make_engine(EngineConfig.model_validate(engine_cfg), path)
     from tso.pairs.prompts import as_chat
 
+    engine = make_engine(EngineConfig.model_validate(engine_cfg), path, options)
     requests = [{"prompt": as_chat(r["prompt"]), "n": 1, "seed": row_seed(seed, 0, r["id"], "eval"), **sampling}
                 for r in rows]
-    out: list[str] = []
+    out: list[dict] = []
     # an offline job: batch at least 64 (answers do not depend on their batch companions)
     step = max(64, engine_cfg.get("max_batch_size", 16))
     for i in range(0, len(requests), step):
-        out += [res["texts"][0] for res in generate_requests(engine, requests[i : i + step])]
+        for res in generate_requests(engine, requests[i : i + step], return_exceptions=True):
+            if isinstance(res, Exception):
+                out.append({"error": str(res)})
+            else:
+                out.append({"text": res["texts"][0], "finish_reason": res["finish_reasons"][0]})
     return out
-
-
-def _ground_truth(kind: str):
-    """(row, answer) -> (overall score, {dimension: score}), or None without a verifier."""
-    if kind == "toyworld":
-        from tso.toyworld.tasks import task_from_row
-        from tso.toyworld.verifier import overall, verify_dimensions
-
-        def truth(row: dict, answer: str) -> tuple[float, dict[str, float]]:
-            dims = verify_dimensions(task_from_row({"prompt": row["prompt"], **row.get("metadata", {})}), answer)
-            return overall(dims), dims
-
-        return truth
-    return None
 
 
 def evaluate_model(cfg, label: str, path: str, rows: list[dict], out_dir: Path, backend) -> dict:
     """Answers and scores of one model, written to <out_dir>/<label>.answers.jsonl (resumable per model)."""
     import ray
+
+    from tso.models.checkpoint import checkpoint_options
+    from tso.run.verifiers import ground_truth, load_verifier
 
     answers_path = out_dir / f"{label}.answers.jsonl"
     if answers_path.is_file():
@@ -59,19 +54,22 @@ def evaluate_model(cfg, label: str, path: str, rows: list[dict], out_dir: Path, 
     remote = ray.remote(_generate_answers).options(
         num_cpus=max(base.resources.num_cpus, 0.1), num_gpus=base.resources.num_gpus
     )
-    answers = ray.get(remote.remote(base.engine.model_dump(), path, rows, sampling, cfg.seed))
-    verdicts = backend.score([{"prompt": r["prompt"], "response": a} for r, a in zip(rows, answers)])
-    truth = _ground_truth(cfg.eval.verifier)
+    answers = ray.get(remote.remote(base.engine.model_dump(), path, rows, sampling, cfg.seed, checkpoint_options(base)))
+    answered = [(r, a) for r, a in zip(rows, answers) if "text" in a]
+    verdicts = iter(backend.score([{"prompt": r["prompt"], "response": a["text"]} for r, a in answered]))
+    verifier = load_verifier(cfg.eval.verifier)
     records = []
-    for r, a, v in zip(rows, answers, verdicts):
-        score, dims = truth(r, a) if truth else (None, None)
-        records.append(
-            {
-                "label": label, "path": path, "id": r["id"], "family": (r.get("metadata") or {}).get("family"),
-                "answer": a, "judge": v.get("score"), "judge_reason": v.get("reason"),
-                "verifier": score, "verifier_dimensions": dims,
-            }
-        )
+    for r, a in zip(rows, answers):
+        record = {"label": label, "path": path, "id": r["id"], "family": (r.get("metadata") or {}).get("family"),
+                  "answer": a.get("text"), "finish_reason": a.get("finish_reason"), "error": a.get("error"),
+                  "judge": None, "judge_reason": None, "verifier": None, "verifier_dimensions": None}
+        if "text" in a:
+            v = next(verdicts)
+            error = v.get("error")
+            record.update(judge=v.get("score"), judge_reason=v.get("reason") or (error and f"judge_error:{error['code']}"))
+            if verifier is not None:
+                record["verifier"], record["verifier_dimensions"] = ground_truth(verifier, r, a["text"])
+        records.append(record)
     atomic_write_text(answers_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in records))
     return {"label": label, "records": records, "resumed": False}
 
@@ -90,15 +88,27 @@ def _stderr(xs):
     return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
 
 
-def summarize_model(records: list[dict], base_records: list[dict] | None) -> dict:
-    key = "verifier" if any(r["verifier"] is not None for r in records) else "judge"
+def summarize_model(records: list[dict], base_records: list[dict] | None, verifier: bool | None = None) -> dict:
+    if verifier is None:
+        verifier = any(r.get("verifier") is not None for r in records)
+    key = "verifier" if verifier else "judge"
+    answered = [r for r in records if r.get("answer") is not None]
     out = {
         "n": len(records),
-        "verifier_mean": _mean(r["verifier"] for r in records),
-        "verifier_se": _stderr([r["verifier"] for r in records]),
+        "answered": len(answered),
+        "failed": len(records) - len(answered),
+        "truncated": sum(r.get("finish_reason") == "length" for r in answered),
+        "truncation_rate": (sum(r.get("finish_reason") == "length" for r in answered) / len(answered)
+                            if answered else None),
+        "verifier": verifier,
+        "verifier_mean": _mean(r.get("verifier") for r in records) if verifier else None,
+        "verifier_se": _stderr([r.get("verifier") for r in records]) if verifier else None,
         "judge_mean": _mean(r["judge"] for r in records),
         "judge_se": _stderr([r["judge"] for r in records]),
-        "judge_unscored": sum(r["judge"] is None for r in records),
+        "judge_unscored": sum(r["judge"] is None for r in answered),
+        "judge_parse_rate": (sum(r["judge"] is not None for r in answered) / len(answered)) if answered else None,
+        "judge_unscored_reasons": dict(sorted(_count(r.get("judge_reason") or "unscored" for r in answered
+                                                     if r["judge"] is None).items())),
         "win_rate_key": key,
     }
     fam = defaultdict(list)
@@ -120,33 +130,46 @@ def summarize_model(records: list[dict], base_records: list[dict] | None) -> dic
                 continue
             wins.append(1.0 if s > b else 0.5 if s == b else 0.0)
         out["win_rate_vs_base"] = sum(wins) / len(wins) if wins else None
+        out["win_rate_prompts"] = len(wins)
     return out
 
 
-def read_eval_rows(cfg) -> list[dict]:
-    from tso.pairs.prompts import read_prompts
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for x in items:
+        out[x] += 1
+    return out
+
+
+def read_eval_rows(cfg, out_dir: Path | None = None) -> list[dict]:
+    """Held-out rows; a bad row is left out with its line and reason (``<out_dir>/rejects.jsonl``)."""
+    from tso.pairs.prompts import read_prompts, write_rejects
 
     if not cfg.eval.prompts:
         raise ValueError("eval.prompts is not set: give a held-out prompts JSONL")
     ps = read_prompts(cfg.eval.prompts, cfg.pairs.max_prompt_chars, cfg.eval.max_prompts)
     if ps.rejects:
         print(f"[eval] {len(ps.rejects)} evaluation rows rejected: {ps.reject_counts}")
+        if out_dir is not None:
+            write_rejects(ps.rejects, out_dir / "rejects.jsonl")
     return ps.rows
 
 
 def evaluate(cfg, models: dict[str, str], out_dir: str | Path, backend) -> list[dict]:
     """Evaluate {label: model dir}; "base" must be among them for win rates. Writes <label>.json each."""
     out_dir = Path(out_dir)
-    rows = read_eval_rows(cfg)
+    rows = read_eval_rows(cfg, out_dir)
     results = {}
     for label, path in models.items():
         res = evaluate_model(cfg, label, path, rows, out_dir, backend)
         print(f"[eval] {label}: {len(res['records'])} answers{' (resumed)' if res['resumed'] else ''}")
         results[label] = res["records"]
     base = results.get("base")
+    verifier = cfg.eval.verifier != "none"
     summaries = []
     for label, records in results.items():
-        s = {"label": label, "path": models[label], **summarize_model(records, base if label != "base" else None)}
+        s = {"label": label, "path": models[label],
+             **summarize_model(records, base if label != "base" else None, verifier)}
         atomic_write_json(out_dir / f"{label}.json", s)
         summaries.append(s)
     return summaries

@@ -21,8 +21,9 @@ import os
 import time
 from pathlib import Path
 
-from tso.config import ModelEntry, RunConfig, dump_config, load_config, resolve_config_ref
+from tso.config import ModelEntry, RunConfig, deep_merge, dump_config, method_overrides, parse_config, resolve_config_ref
 from tso.io import atomic_write_json, atomic_write_text
+from tso.models.checkpoint import OPTION_KEYS, checkpoint_options, derived_options
 
 
 class Timer:
@@ -84,17 +85,36 @@ def policy_name(stage: int, prefix: str = "tso") -> str:
 
 def register_policy(cfg: RunConfig, stage: int, policy_dir: str, prefix: str = "tso") -> RunConfig:
     """The stage's policy joins the matrix as the newest version of the base's size and becomes the
-    base of the next stage, so earlier policies become negatives (TSO-METHOD.md section 6)."""
+    base of the next stage; the old base becomes a negative source (docs/method.md section 6).
+
+    Every other model keeps the role it had, so the mixtures change only by the demoted base. With
+    explicit negative weights (``weight`` on the matrix models) the demoted base takes an equal share,
+    1/(n+1) for n earlier negatives, and the others keep their proportions (scaled by n/(n+1)); an
+    explicit ``pairs.negative_sources`` list gets it appended. Positive weights are unchanged."""
+    mix = cfg.mixtures()
     new = cfg.model_copy(deep=True)
     base = new.matrix.entry(new.matrix.base)
+    for m in new.matrix.models:
+        if m.name != base.name:
+            m.role = "positive" if m.name in mix.alpha else "negative" if m.name in mix.gamma else "none"
+    negatives = [m for m in new.matrix.models if m.role == "negative"]
+    if any(m.weight is not None for m in negatives):
+        n = len(negatives)
+        for m in negatives:
+            m.weight = m.weight * n / (n + 1)
+        base.weight = 1.0 / (n + 1)
+    base.role = "negative"
+    if new.pairs.negative_sources is not None:
+        new.pairs.negative_sources = [*new.pairs.negative_sources, base.name]
     entry = ModelEntry(
-        name=policy_name(stage, prefix), path=str(policy_dir), version=max(m.version for m in new.matrix.models
-                                                                           if m.size == base.size) + 1,
+        name=policy_name(stage, prefix), path=str(policy_dir),
+        version=max(m.version for m in new.matrix.models if m.size == base.size) + 1,
         size=base.size, engine=base.engine.model_copy(), resources=base.resources.model_copy(),
+        **{k: v for k, v in derived_options(base).items() if k != "revision"},
     )
     new.matrix.models.append(entry)
     new.matrix.base = entry.name
-    return new
+    return RunConfig.model_validate(new.model_dump())  # re-check the mixtures of the new matrix
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -104,21 +124,41 @@ def _done(path: Path) -> bool:
     return path.is_file()
 
 
-def judge_step(cfg: RunConfig, run_dir: Path, timer: Timer) -> str | None:
-    """Stage 0: the corrected judge. A configured judge.path is used as is."""
+JUDGE_KINDS = {
+    "configured": "the configured judge.path",
+    "corrected": "the base model fine-tuned on judge.feedback at stage 0 (evaluation correction)",
+    "uncorrected": "the base model itself (no judge.feedback and no judge.path: not corrected)",
+}
+
+
+def judge_step(cfg: RunConfig, run_dir: Path, timer: Timer) -> tuple[str, str]:
+    """Stage 0: the judge, as (path, kind). A configured judge.path is used as is; without one the
+    base model is fine-tuned on judge.feedback, or serves uncorrected when there is no feedback."""
     if cfg.judge.path:
-        return cfg.judge.path
+        return cfg.judge.path, "configured"
+    base = cfg.matrix.entry(cfg.matrix.base).path
     judge_dir = run_dir / "judge"
     if _done(judge_dir / "config.json") and _done(run_dir / "judge_train" / "summary.json"):
         print(f"[tso] judge: done before ({judge_dir})")
-        return str(judge_dir)
+        return str(judge_dir), "corrected"
     if not cfg.judge.feedback:
-        print("[tso] judge: no judge.feedback and no judge.path: the base model serves as the uncorrected judge")
-        return None
+        print(f"[tso] judge: no judge.feedback and no judge.path: the base model ({base}) is the uncorrected judge")
+        return base, "uncorrected"
     from tso.train.ray_trainer import train_judge
 
     timer.run("judge correction (stage 0)", train_judge, cfg, cfg.judge.feedback, judge_dir)
-    return str(judge_dir)
+    return str(judge_dir), "corrected"
+
+
+def settle_judge(cfg: RunConfig, path: str, kind: str) -> None:
+    """Pin the judge for every stage: it is trained (or chosen) once, while the base moves each stage.
+    A judge made from the base keeps the base's loading options where the judge sets none."""
+    if kind != "configured":
+        base = checkpoint_options(cfg.matrix.entry(cfg.matrix.base))
+        for key in OPTION_KEYS:
+            if getattr(cfg.judge, key) in (None, False):
+                setattr(cfg.judge, key, base[key] if kind == "uncorrected" or key != "revision" else None)
+    cfg.judge.path = path
 
 
 def pairs_step(cfg: RunConfig, stage: int, out_dir: Path, timer: Timer) -> Path:
@@ -173,16 +213,13 @@ def run_stages(
     return cfg, policies
 
 
-def baseline_config(ref: str, main: RunConfig, judge_path: str | None, run_dir: Path) -> RunConfig:
-    """A baseline runs over the same machinery with its own config, sharing the main run's judge."""
-    path = resolve_config_ref(ref)
-    cfg = load_config(path)
-    cfg = cfg.model_copy(deep=True)
-    cfg.run_dir = str(run_dir / "baselines" / cfg.name)
-    cfg.judge.path = judge_path
-    cfg.serve = main.serve.model_copy()
-    cfg.baselines = []
-    return cfg
+def baseline_config(ref: str, main: RunConfig, run_dir: Path) -> RunConfig:
+    """A baseline is the main run's config (its matrix, prompts, seed, judge and ``--set`` overrides)
+    with only the method keys of the baseline's config file applied (``tso.config.method_overrides``)."""
+    name, overrides = method_overrides(ref)
+    data = deep_merge(main.model_dump(mode="json"), overrides)
+    data.update(name=name, run_dir=str(run_dir / "baselines" / name), baselines=[])
+    return parse_config(data, str(resolve_config_ref(ref)))
 
 
 def run_pipeline(
@@ -191,7 +228,9 @@ def run_pipeline(
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     timer = Timer()
-    cfg.require_model_dirs(source)
+    from tso.models.preflight import check_models
+
+    check_models(cfg, source)  # every checkpoint, template and stop token, before anything starts
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     meta = {"name": cfg.name, "config_hash": cfg.config_hash(), "seed": cfg.seed, "stages": cfg.stages,
             "loss": cfg.train.loss.type, "source": source, "status": "running", "started": time.time()}
@@ -207,15 +246,18 @@ def run_pipeline(
 
     started_ray = connect_ray()
     try:
-        judge_path = judge_step(cfg, run_dir, timer)
-        cfg.judge.path = judge_path
+        judge_path, judge_kind = judge_step(cfg, run_dir, timer)
+        settle_judge(cfg, judge_path, judge_kind)
+        meta["judge"] = {"kind": judge_kind, "path": judge_path, "feedback": cfg.judge.feedback,
+                         "description": JUDGE_KINDS[judge_kind]}
+        atomic_write_json(previous, meta)
         final_cfg, policies = run_stages(cfg, run_dir, timer)
 
         models = {"base": cfg.matrix.entry(cfg.matrix.base).path}
         models.update({policy_name(t + 1): p for t, p in enumerate(policies)})
         if with_baselines:
             for ref in cfg.baselines:
-                bcfg = baseline_config(ref, cfg, judge_path, run_dir)
+                bcfg = baseline_config(ref, cfg, run_dir)
                 Path(bcfg.run_dir).mkdir(parents=True, exist_ok=True)
                 _, bpolicies = run_stages(bcfg, Path(bcfg.run_dir), timer.scoped(f"baseline {bcfg.name}: "),
                                           prefix=bcfg.name, serve_last=False)
@@ -229,7 +271,8 @@ def run_pipeline(
             from tso.run.evaluate import evaluate
 
             timer.run("evaluation", evaluate, cfg, models, run_dir / "eval", ServeBackend(cfg.serve.app_name))
-        meta.update(status="done", timings=timer.phases, finished=time.time(), policies=policies)
+        meta.update(status="done", timings=timer.phases, finished=time.time(), policies=policies,
+                    verifier=cfg.eval.verifier)
         atomic_write_json(previous, meta)
         from tso.run.report import write_report
 

@@ -39,18 +39,56 @@ def _pm(mean, se) -> str:
     return _fmt(mean) if se is None or mean is None else f"{_fmt(mean)} ± {_fmt(se)}"
 
 
+def has_verifier(evals: list[dict]) -> bool:
+    return any(e.get("verifier") or e.get("verifier_mean") is not None for e in evals)
+
+
 def model_table(evals: list[dict]) -> str:
-    rows = [
-        "| model | verifier mean ± s.e. (ground truth) | judge mean ± s.e. | win rate vs base (verifier) "
-        "| judge unscored | prompts |",
-        "|---|---|---|---|---|---|",
-    ]
+    """One row per model; the verifier columns only when a verifier scored the answers."""
+    truth = has_verifier(evals)
+    key = "verifier" if truth else "judge"
+    columns = (["verifier mean ± s.e. (ground truth)"] if truth else []) + [
+        "judge mean ± s.e.", f"win rate vs base ({key})", "judge parse rate", "truncated", "prompts"]
+    rows = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for e in sorted(evals, key=lambda e: _model_order(e["label"])):
-        rows.append(
-            f"| {e['label']} | {_pm(e.get('verifier_mean'), e.get('verifier_se'))} | "
-            f"{_pm(e.get('judge_mean'), e.get('judge_se'))} | "
-            f"{_fmt(e.get('win_rate_vs_base'))} | {_fmt(e.get('judge_unscored', 0))} | {e.get('n', '-')} |"
-        )
+        cells = [_pm(e.get("verifier_mean"), e.get("verifier_se"))] if truth else []
+        cells += [_pm(e.get("judge_mean"), e.get("judge_se")), _fmt(e.get("win_rate_vs_base")),
+                  _fmt(e.get("judge_parse_rate")), _fmt(e.get("truncation_rate")), str(e.get("n", "-"))]
+        rows.append(f"| {e['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def judge_text(meta: dict, evals: list[dict]) -> str:
+    """What the judge is and what the scores are (no claim of ground truth without a verifier)."""
+    judge = meta.get("judge") or {}
+    parts = []
+    if judge:
+        parts.append(f"The judge is {judge.get('description', judge.get('kind'))} (`{judge.get('path')}`).")
+    if has_verifier(evals):
+        parts.append(f"The verifier (`{meta.get('verifier', 'configured')}`) gives the ground truth on the 2..10 "
+                     "scale; win rates compare its scores of each model's and the base's answers to the same prompt.")
+    else:
+        parts.append("No verifier is configured (`eval.verifier: none`): every score here is the judge's, not ground "
+                     "truth. Win rates compare the judge's scores of each model's and the base's answers to the same "
+                     "prompt (ties count half; prompts where either answer is unscored are left out).")
+    parts.append("Answers are sampled with the evaluation decoding settings; *truncated* is the share of answers "
+                 "cut by `max_new_tokens` or the context.")
+    return " ".join(parts)
+
+
+def judge_table(run_dir: Path, evals: list[dict]) -> str:
+    """How often the judge's answers held a score, per step that used it."""
+    rows = ["| where | answers judged | parse rate | unscored reasons |", "|---|---|---|---|"]
+    for d in _stage_dirs(run_dir):
+        s = _load_json(d / "pairs" / "summary.json") or {}
+        j = s.get("judge") or {}
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted((s.get("unscored_judge_answers") or {}).items()))
+        rows.append(f"| pairs {d.relative_to(run_dir).as_posix()} | {j.get('judged', '-')} | "
+                    f"{_fmt(j.get('parse_rate'))} | {reasons or '-'} |")
+    for e in sorted(evals, key=lambda e: _model_order(e["label"])):
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted((e.get("judge_unscored_reasons") or {}).items()))
+        rows.append(f"| eval {e['label']} | {e.get('answered', e.get('n', '-'))} | {_fmt(e.get('judge_parse_rate'))} | "
+                    f"{reasons or '-'} |")
     return "\n".join(rows)
 
 
@@ -67,7 +105,8 @@ def plot_models(evals: list[dict], out_path: Path) -> Path | None:
     labels = [e["label"] for e in evals]
     x = list(range(len(labels)))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(labels) + 2), 4))
-    for offset, key, color in ((-0.2, "verifier", "tab:green"), (0.2, "judge", "tab:blue")):
+    keys = ((-0.2, "verifier", "tab:green"), (0.2, "judge", "tab:blue")) if has_verifier(evals) else ((0.0, "judge", "tab:blue"),)
+    for offset, key, color in keys:
         means = [e.get(f"{key}_mean") for e in evals]
         if all(m is None for m in means):
             continue
@@ -121,22 +160,26 @@ def _last_metrics(path: Path) -> dict | None:
     return last
 
 
+def _stage_dirs(run_dir: Path) -> list[Path]:
+    stage_dirs = sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "pairs").exists())
+    return stage_dirs + sorted(p for p in run_dir.glob("baselines/*/*") if p.is_dir() and (p / "pairs").exists())
+
+
 def stage_table(run_dir: Path) -> str:
     rows = [
-        "| run | pairs | kinds | rejected rows | unscored judge answers | final loss | reward chosen | reward rejected |"
-        " accuracy | steps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | pairs | kinds | rejected rows | truncated answers | unscored judge answers | final loss | reward chosen "
+        "| reward rejected | accuracy | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    stage_dirs = sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "pairs").exists())
-    stage_dirs += sorted(p for p in run_dir.glob("baselines/*/*") if p.is_dir() and (p / "pairs").exists())
-    for d in stage_dirs:
+    for d in _stage_dirs(run_dir):
         s = _load_json(d / "pairs" / "summary.json") or {}
         m = _last_metrics(d / "train" / "metrics.jsonl") or {}
         kinds = ", ".join(f"{k} {v}" for k, v in sorted((s.get("pair_kinds") or {}).items()))
         unscored = sum((s.get("unscored_judge_answers") or {}).values())
+        truncated = sum((s.get("truncated") or {}).values())
         rows.append(
             f"| {d.relative_to(run_dir).as_posix()} | {s.get('pairs', '-')} | {kinds or '-'} | "
-            f"{s.get('rejected_rows', '-')} | {unscored} | "
+            f"{s.get('rejected_rows', '-')} | {truncated} ({s.get('truncated_action', 'drop')}) | {unscored} | "
             f"{_fmt(m.get('loss'), 4)} | {_fmt(m.get('reward_chosen'), 3)} | {_fmt(m.get('reward_rejected'), 3)} | "
             f"{_fmt(m.get('accuracy'))} | {m.get('step', '-')} |"
         )
@@ -156,13 +199,7 @@ def write_report(run_dir: str | Path) -> Path:
         ]
     parts += ["## Held-out evaluation", ""]
     if evals:
-        parts += [
-            "Answers sampled with the evaluation decoding settings; the verifier is the toy world's ground "
-            "truth on the 2..10 scale, the judge is the corrected judge of stage 0.",
-            "",
-            model_table(evals),
-            "",
-        ]
+        parts += [judge_text(meta, evals), "", model_table(evals), ""]
         chart = plot_models(evals, run_dir / "eval.png")
         if chart:
             parts += [f"![held-out evaluation]({chart.name})", ""]
@@ -176,6 +213,7 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         parts += ["No evaluation results yet.", ""]
     parts += ["## Stages", "", stage_table(run_dir), ""]
+    parts += ["## The judge", "", judge_table(run_dir, evals), ""]
     plots = sorted(run_dir.glob("*/train/*.png")) + sorted(run_dir.glob("baselines/*/*/train/*.png"))
     if plots:
         parts += ["## Training curves", ""]
@@ -191,17 +229,19 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def _verdict(evals: list[dict]) -> str:
-    """States, not asserts, whether the paper's expected shape held (TSO-1 < TSO-2 < ... and above base/DPO)."""
-    by = {e["label"]: e.get("verifier_mean") for e in evals}
+    """States, not asserts, whether the paper's expected shape held (TSO-1 < TSO-2 < ... and above base/DPO),
+    on the verifier when there is one, else on the judge's scores (and says which)."""
+    key, on = ("verifier_mean", "on ground truth") if has_verifier(evals) else ("judge_mean", "by the judge's scores")
+    by = {e["label"]: e.get(key) for e in evals}
     tso = [by[k] for k in sorted((k for k in by if k.startswith("tso-")), key=lambda k: int(k.split("-")[1]))]
     lines = []
     if len(tso) >= 2 and None not in tso:
         rising = all(a < b for a, b in zip(tso, tso[1:]))
         shown = ", ".join(_fmt(t, 3) for t in tso)
-        lines.append(f"TSO stages rise monotonically on ground truth: **{'yes' if rising else 'no'}** ({shown}).")
+        lines.append(f"TSO stages rise monotonically {on}: **{'yes' if rising else 'no'}** ({shown}).")
     if tso and tso[-1] is not None:
         for ref in ("base", "dpo"):
             if by.get(ref) is not None:
-                lines.append(f"Last TSO stage above {ref}: **{'yes' if tso[-1] > by[ref] else 'no'}** "
+                lines.append(f"Last TSO stage above {ref} {on}: **{'yes' if tso[-1] > by[ref] else 'no'}** "
                              f"({_fmt(tso[-1], 3)} vs {_fmt(by[ref], 3)}).")
     return " ".join(lines)

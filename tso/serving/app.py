@@ -30,7 +30,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from tso.config import ConfigError, RunConfig, builtin_config_path, load_config
+from tso.config import ConfigError, RunConfig, builtin_config_path, is_hub_id, load_config
+from tso.models.checkpoint import checkpoint_options, judge_options
 from tso.serving.deployments import JudgeServer, ModelServer
 from tso.serving.ingress import Ingress, token_digest
 
@@ -131,7 +132,7 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
         raise ValueError(f"unknown deployments {sorted(unknown)} (have {names})")
     checkpoints = dict(checkpoints or {})
     for name, path in checkpoints.items():
-        if not (Path(path) / "config.json").is_file():
+        if not is_hub_id(path) and not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"{name}: no Hugging Face model directory at {path} (config.json missing)")
     cfg.require_model_dirs(source)
     roles = _roles(cfg)
@@ -143,7 +144,8 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
         dep = model_deployment_name(m.name)
         if dep not in wanted:
             continue
-        kwargs = dict(name=m.name, deployment=dep, engine=m.engine.model_dump(), sampling=sampling, size=m.size)
+        kwargs = dict(name=m.name, deployment=dep, engine=m.engine.model_dump(), sampling=sampling, size=m.size,
+                      options=checkpoint_options(m))
         state = dict(checkpoint=checkpoints.get(dep, m.path), path=m.path, role=roles[m.name], version=m.version,
                      base=cfg.matrix.base, base_path=base.path)
         d = serve.deployment(ModelServer).options(**_options(dep, m.engine, m.resources, state))
@@ -152,7 +154,7 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
     policy = None
     if "policy" in wanted:
         kwargs = dict(name="policy", deployment="policy", engine=base.engine.model_dump(), sampling=sampling,
-                      size=base.size)
+                      size=base.size, options=checkpoint_options(base))
         state = dict(checkpoint=checkpoints.get("policy", base.path), path=base.path, role="policy", version=None,
                      base=base.name, base_path=base.path)
         d = serve.deployment(ModelServer).options(**_options("policy", base.engine, base.resources, state))
@@ -163,11 +165,12 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
         judge_cfg = cfg.judge
         uncorrected = judge_cfg.path is None
         judge_path = base.path if uncorrected else judge_cfg.path
-        if not (Path(judge_path) / "config.json").is_file():
+        if not is_hub_id(judge_path) and not (Path(judge_path) / "config.json").is_file():
             raise ConfigError(source, "judge.path", f"no model directory at {judge_path} (train the judge first)")
-        rubrics = judge_cfg.model_dump(include={"dimensions", "rubrics", "sampling"})
+        rubrics = judge_cfg.model_dump(include={"dimensions", "rubrics", "sampling", "answer_format"})
         kwargs = dict(name="judge", deployment="judge", engine=judge_cfg.engine.model_dump(),
-                      sampling=judge_cfg.sampling.model_dump(), size=base.size, judge=rubrics, seed=cfg.seed)
+                      sampling=judge_cfg.sampling.model_dump(), size=base.size, judge=rubrics, seed=cfg.seed,
+                      options=judge_options(cfg))
         state = dict(checkpoint=checkpoints.get("judge", judge_path), path=judge_path, role="judge", version=None,
                      base=base.name, base_path=base.path)
         d = serve.deployment(JudgeServer).options(**_options("judge", judge_cfg.engine, judge_cfg.resources, state))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from tso.commands import add_set_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="run config YAML (e.g. tso/configs/demo.yaml)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: serve.port of the config)")
     p.add_argument("--blocking", action="store_true", help="keep running (and serving) until Ctrl-C")
+    add_set_argument(p)
     p.set_defaults(func=_serve)
 
 
@@ -41,14 +44,15 @@ def connect_ray(num_cpus: int = 8) -> bool:
 def _serve(args) -> int:
     from ray import serve
 
-    from tso.config import load_config
+    from tso.config import load_config_ref
+    from tso.models.preflight import check_models
     from tso.serving.app import deploy
 
-    cfg = load_config(args.config)
-    cfg.require_model_dirs(args.config)  # before starting anything: a missing model says how to build it
+    cfg, source = load_config_ref(args.config, args.set)
+    check_models(cfg, source)  # before starting anything: a missing model says how to build it
     started_here = connect_ray()
     port = args.port or cfg.serve.port
-    deploy(cfg, port=port, source=args.config)
+    deploy(cfg, port=port, source=source)
     host = cfg.serve.host
     print(f"tso: app {cfg.serve.app_name!r} is running: http://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
           f"/docs (deployments: {', '.join(_names(cfg))})", flush=True)

@@ -25,8 +25,12 @@ Deployments
     scored; ``score`` is the mean of the scored ones, ``dimension`` is "mean", and ``dimensions``
     holds each one.
 
-``await handle.generate_many.remote([request, ...])`` / ``score_many``: the same for a list, in one
-    handle call (one bad request fails the call, as it would fail its own ``generate``/``score``).
+``await handle.generate_many.remote([request, ...], return_exceptions=False)`` / ``score_many``: the
+    same for a list, in one handle call. One bad request fails the call, as it would fail its own
+    ``generate``/``score``; with ``return_exceptions=True`` it takes its place in the list as
+    ``{"error": {"code", "message", ...}}`` and the others are answered. ``score_many(...,
+    too_long="unscored")`` answers a judge prompt that does not fit the judge's context as unscored
+    with reason ``too_long`` instead of failing it.
 
 ``generate_stream`` / ``score_stream``: the same, as async generators yielding the one result dict
     (``ray.data.llm.ServeDeploymentProcessorConfig`` calls methods with ``stream=True``); the
@@ -71,7 +75,7 @@ from ray import serve
 
 from tso.config import EngineConfig, JudgeConfig, SamplingConfig
 from tso.engines.base import EngineInputError, GenerationResult, SamplingParams, make_engine
-from tso.engines.requests import GenerationRequest, parse_request, result_dict
+from tso.engines.requests import GenerationRequest, error_dict, parse_request, result_dict
 from tso.serving.judge import JudgeScorer
 
 logger = logging.getLogger("ray.serve")
@@ -83,13 +87,15 @@ USER_CONFIG_KEYS = {"checkpoint", "path", "role", "version", "base", "base_path"
 class ModelServer:
     """One model behind Serve: batched generation, hot-swappable weights."""
 
-    def __init__(self, *, name: str, deployment: str, engine: dict, sampling: dict, size: float | None = None):
+    def __init__(self, *, name: str, deployment: str, engine: dict, sampling: dict, size: float | None = None,
+                 options: dict | None = None):
         # Only what needs a new replica is a constructor argument (it is hashed into the Serve version);
         # what a stage changes (weights, role, base) is user_config, applied by `reconfigure`, which Serve
         # also calls once right after construction.
         self.name, self.deployment, self.size = name, deployment, size
         self.role, self.path, self.version, self.base, self.base_path = "none", None, None, None, None
         self.engine_cfg = EngineConfig.model_validate(engine)
+        self.options = dict(options or {})  # revision, trust_remote_code, chat_template, stop_tokens
         self.sampling = SamplingConfig.model_validate(sampling)
         self.engine = None
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{deployment}-load")
@@ -116,7 +122,7 @@ class ModelServer:
         if not checkpoint:
             raise ValueError(f"{self.deployment}: user_config names no checkpoint and no path")
         if self.engine is None:  # replica start: no request can arrive before this returns
-            self.engine = make_engine(self.engine_cfg, checkpoint)
+            self.engine = make_engine(self.engine_cfg, checkpoint, self.options)
             self._engine_started()
             logger.info("%s serving %s (%s engine, context %d)", self.deployment, checkpoint, self.engine.name,
                         self.engine.max_context)
@@ -174,10 +180,10 @@ class ModelServer:
     async def generate_stream(self, request: dict):
         yield await self.generate(request)
 
-    async def generate_many(self, requests: list[dict]) -> list[dict]:
+    async def generate_many(self, requests: list[dict], return_exceptions: bool = False) -> list[dict]:
         """Many requests in one handle call (they still batch with everyone else's): a caller with
         hundreds of requests pays Serve's per-call overhead once per chunk, not once per request."""
-        return list(await asyncio.gather(*(self.generate(r) for r in requests)))
+        return await _gather(*(self.generate(r) for r in requests), return_exceptions=return_exceptions)
 
     # -- introspection
 
@@ -220,23 +226,42 @@ class JudgeServer(ModelServer):
     def _engine_started(self) -> None:
         self.scorer = JudgeScorer(self.judge_cfg, self.engine, seed=self.seed)
 
-    async def score(self, request: dict) -> dict:
-        call, dims, encoded = self.scorer.prepare(request)
-        results = await asyncio.gather(*(self._submit(ids, self.scorer.params) for ids in encoded))
+    async def score(self, request: dict, too_long: str = "raise") -> dict:
+        call, dims, encoded = self.scorer.prepare(request, too_long)
+        results = await asyncio.gather(*(self._judged(ids) for ids in encoded))
         return self.scorer.combine(call, dims, list(results))
+
+    async def _judged(self, ids: list[int] | None) -> GenerationResult | None:
+        return None if ids is None else await self._submit(ids, self.scorer.params)
 
     async def score_stream(self, request: dict):
         yield await self.score(request)
 
-    async def score_many(self, requests: list[dict]) -> list[dict]:
+    async def score_many(self, requests: list[dict], return_exceptions: bool = False,
+                         too_long: str = "raise") -> list[dict]:
         """``score`` for many requests in one handle call (see ``generate_many``)."""
-        return list(await asyncio.gather(*(self.score(r) for r in requests)))
+        return await _gather(*(self.score(r, too_long) for r in requests), return_exceptions=return_exceptions)
 
     async def info(self) -> dict:
         out = await super().info()
         out.update(dimensions=self.scorer.dimensions,
                    uncorrected=self.base_path is not None and self.engine.checkpoint == self.base_path)
         return out
+
+
+async def _gather(*calls, return_exceptions: bool) -> list[dict]:
+    """Results in order; with ``return_exceptions`` a request at fault is an error dict in its place
+    (anything else, a bug or a dying engine, still fails the call)."""
+    if not return_exceptions:
+        return list(await asyncio.gather(*calls))
+    out = []
+    for result in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(result, EngineInputError):
+            result = error_dict(result)
+        elif isinstance(result, BaseException):
+            raise result
+        out.append(result)
+    return out
 
 
 class _BatchStats:

@@ -1,19 +1,35 @@
 """The judge's scoring logic, shared by the ``judge`` deployment and in-process callers (no Ray here).
 
-For each dimension the user turn is ``render_judge_prompt(rubric, question, answer)`` in the judge
-tokenizer's chat template; decoding follows ``judge.sampling`` (greedy by default); the score is the
-last ``Score: <number>`` in [2, 10] (``extract_score``), else *unscored* with the reason. Without a
-dimension every configured dimension is scored and the response's score is the mean of the scored
-ones (``mean_score``).
+For each dimension the user turn is ``render_judge_prompt(rubric, question, answer, answer_format)``
+in the judge tokenizer's chat template; decoding follows ``judge.sampling`` (greedy by default); the
+score is the last score marker in [2, 10] (``extract_score``), else *unscored* with the reason.
+Without a dimension every configured dimension is scored and the response's score is the mean of the
+scored ones (``mean_score``).
+
+A judge prompt must fit the judge's context with room for its whole answer (``max_new_tokens``), or
+the verdict would be cut short: such a request raises ``PromptTooLongError`` (a 413 at the REST edge)
+or, with ``too_long="unscored"`` (pair formation, evaluation), is unscored with reason ``too_long``.
+It is never truncated.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
-from tso.engines.base import EngineInputError, GenerationEngine, GenerationResult, SamplingParams
-from tso.engines.requests import HARD_TEXT_CAP, PROMPT_DESCRIPTION, Prompt, _Model, parse_request
-from tso.method.judging import extract_score, mean_score, render_judge_prompt
+from tso.engines.base import EngineInputError, GenerationEngine, GenerationResult, PromptTooLongError, SamplingParams
+from tso.engines.requests import HARD_TEXT_CAP, PROMPT_DESCRIPTION, Prompt, _Model, parse_request, prompt_for_engine
+from tso.method.judging import (
+    JudgeVerdict,
+    extract_score,
+    judge_question,
+    mean_score,
+    render_judge_prompt,
+    too_long_verdict,
+)
+
+TooLong = Literal["raise", "unscored"]
 
 
 class ScoreRequest(_Model):
@@ -24,15 +40,6 @@ class ScoreRequest(_Model):
     dimension: str | None = Field(None, max_length=128)
 
 
-def question_text(prompt) -> str:
-    """The question a judge sees: a string as-is; a chat as its one user turn or as 'role: content' lines."""
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and prompt[0].role == "user":
-        return prompt[0].content
-    return "\n".join(f"{m.role}: {m.content}" for m in prompt)
-
-
 class JudgeScorer:
     """Turns score requests into judge generations and judge outputs into verdict dicts."""
 
@@ -40,32 +47,48 @@ class JudgeScorer:
         self.engine = engine
         self.dimensions = list(judge_cfg.dimensions)
         self.rubrics = dict(judge_cfg.rubrics)  # a rubric outside `dimensions` can still be asked for
+        self.answer_format = judge_cfg.answer_format
         s = judge_cfg.sampling
         self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                                      seed=seed, n=1)
 
-    def prepare(self, request) -> tuple[ScoreRequest, list[str], list[list[int]]]:
-        """Validate a request and encode one judge prompt per dimension (EngineInputError if bad)."""
+    def _encode(self, rubric: str, question: str, response: str, too_long: TooLong) -> list[int] | None:
+        """The judge prompt's ids, or None when it leaves no room for the judge's answer."""
+        room = self.params.max_new_tokens
+        limit = self.engine.max_context
+        try:
+            ids = self.engine.encode([{"role": "user",
+                                       "content": render_judge_prompt(rubric, question, response, self.answer_format)}])
+        except PromptTooLongError as e:
+            if too_long == "unscored":
+                return None
+            raise PromptTooLongError(prompt_tokens=e.prompt_tokens, limit=limit) from None
+        if len(ids) + room > limit:
+            if too_long == "unscored":
+                return None
+            raise PromptTooLongError(
+                f"the judge prompt is {len(ids)} tokens; with {room} tokens for the judge's answer it needs "
+                f"{len(ids) + room}, over the judge's context of {limit}", prompt_tokens=len(ids), limit=limit)
+        return ids
+
+    def prepare(self, request, too_long: TooLong = "raise") -> tuple[ScoreRequest, list[str], list[list[int] | None]]:
+        """Validate a request and encode one judge prompt per dimension (EngineInputError if bad;
+        a None in place of a prompt that is too long, with ``too_long="unscored"``)."""
         call = parse_request(ScoreRequest, request)
         if call.dimension is not None and call.dimension not in self.rubrics:
             raise EngineInputError(f"unknown dimension {call.dimension!r} (have {sorted(self.rubrics)})",
                                    dimension=call.dimension)
         dims = [call.dimension] if call.dimension else self.dimensions
-        question = question_text(call.prompt)
-        encoded = [
-            self.engine.encode([{"role": "user",
-                                 "content": render_judge_prompt(self.rubrics[d], question, call.response)}])
-            for d in dims
-        ]
-        return call, dims, encoded
+        question = judge_question(prompt_for_engine(call.prompt))
+        return call, dims, [self._encode(self.rubrics[d], question, call.response, too_long) for d in dims]
 
-    @staticmethod
-    def combine(call: ScoreRequest, dims: list[str], results: list[GenerationResult]) -> dict:
-        """The verdict dict of one request from its per-dimension generations."""
-        verdicts = [extract_score(r.texts[0]) for r in results]
+    def combine(self, call: ScoreRequest, dims: list[str], results: list[GenerationResult | None]) -> dict:
+        """The verdict dict of one request from its per-dimension generations (None: too long)."""
+        verdicts: list[JudgeVerdict] = [extract_score(r.texts[0]) if r is not None else too_long_verdict()
+                                        for r in results]
         per_dim = [{"dimension": d, "score": v.score, "evidence": v.evidence, "raw": v.raw, "reason": v.reason}
                    for d, v in zip(dims, verdicts)]
-        checkpoint = results[0].checkpoint
+        checkpoint = next((r.checkpoint for r in results if r is not None), self.engine.checkpoint)
         if call.dimension:
             return {**per_dim[0], "checkpoint": checkpoint, "dimensions": per_dim}
         score = mean_score(verdicts)
@@ -82,22 +105,26 @@ class JudgeScorer:
     def score(self, request) -> dict:
         return self.score_batch([request])[0]
 
-    def score_batch(self, requests: list, return_exceptions: bool = False) -> list:
+    def score_batch(self, requests: list, return_exceptions: bool = False, too_long: TooLong = "raise") -> list:
         """Score many requests with one engine call over all their dimensions. A bad request raises its
         EngineInputError, or with ``return_exceptions`` takes the exception's place in the output."""
         out: list = [None] * len(requests)
         prepared, rows = [], []
         for i, request in enumerate(requests):
             try:
-                call, dims, encoded = self.prepare(request)
+                call, dims, encoded = self.prepare(request, too_long)
             except EngineInputError as e:
                 if not return_exceptions:
                     raise
                 out[i] = e
                 continue
-            prepared.append((i, call, dims, len(rows), len(encoded)))
-            rows.extend(encoded)
+            slots = []
+            for ids in encoded:
+                slots.append(None if ids is None else len(rows))
+                if ids is not None:
+                    rows.append(ids)
+            prepared.append((i, call, dims, slots))
         results = self.engine.generate_ids(rows, [self.params] * len(rows)) if rows else []
-        for i, call, dims, start, count in prepared:
-            out[i] = self.combine(call, dims, results[start:start + count])
+        for i, call, dims, slots in prepared:
+            out[i] = self.combine(call, dims, [None if k is None else results[k] for k in slots])
         return out

@@ -29,6 +29,7 @@ class GenerateResponse(_Model):
     model: str
     checkpoint: str
     finish_reasons: list[Literal["stop", "length"]]
+    stop_tokens: list[str | None] = Field(description="the token that ended each sample (null: cut by length)")
     num_tokens: list[int]
     prompt_tokens: int
     seeds: list[int]
@@ -52,7 +53,7 @@ class ScoreResponse(_Model):
     raw: str
     dimension: str = Field(description="the dimension scored, or 'mean' over all configured dimensions")
     checkpoint: str
-    reason: str | None = Field(description="why unscored: no_score | out_of_range (null when scored)")
+    reason: str | None = Field(description="why unscored: no_score | out_of_range | other_scale | too_long (null when scored)")
     dimensions: list[DimensionScore] = Field(default_factory=list)
 
 

@@ -1,4 +1,4 @@
-"""Feedback data for evaluation correction (TSO-METHOD.md section 2): scored judge examples.
+"""Feedback data for evaluation correction (docs/method.md section 2): scored judge examples.
 
 Each example is one (task, answer, rubric dimension): the user turn is
 ``render_judge_prompt(rubric, question, answer)`` and the target is

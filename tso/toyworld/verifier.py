@@ -196,3 +196,12 @@ def evidence(task: dict, response: str, dimension: str) -> str:
     if not format_ok:
         parts.append("wrong format")
     return ", ".join(parts) + "."
+
+
+def score_answer(prompt, response: str, metadata: dict) -> dict:
+    """The toy world as an evaluation verifier (``eval.verifier: toyworld``): the overall score and the
+    per-dimension scores of an answer to a prompt row (its task is parsed from prompt and metadata)."""
+    from tso.toyworld.tasks import task_from_row
+
+    dims = verify_dimensions(task_from_row({"prompt": prompt, **(metadata or {})}), response)
+    return {"score": overall(dims), "dimensions": dims}

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tso.commands import add_set_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one stage: mini-batch iterative DPO with the reference hot-swap")
@@ -17,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local", action="store_true", help="run in this process without Ray (one worker)")
     p.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
+    add_set_argument(p)
     p.set_defaults(func=_train)
 
     j = sub.add_parser("train-judge", help="fine-tune the base into the judge on feedback examples")
@@ -27,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--local", action="store_true", help="run in this process without Ray (one worker)")
     j.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed")
     j.add_argument("--max-failures", type=int, default=2)
+    add_set_argument(j)
     j.set_defaults(func=_train_judge)
 
     pl = sub.add_parser("plot", help="draw rewards, margin and gradient scale from a training metrics JSONL")
@@ -41,19 +45,19 @@ def _fail(e: Exception) -> int:
 
 
 def _train(args) -> int:
-    from tso.config import load_config
-    from tso.train.ray_trainer import base_model_path, default_policy_out, preflight_policy, train_policy
+    from tso.config import load_config_ref
+    from tso.train.ray_trainer import base_model_path, base_options, default_policy_out, preflight_policy, train_policy
     from tso.train.stage import PolicyJob, train_policy_local
 
-    cfg = load_config(args.config)
+    cfg, _ = load_config_ref(args.config, args.set)
     try:
         if args.local:
             base, name = (args.base, None) if args.base else base_model_path(cfg)
             out = Path(args.out or default_policy_out(cfg, args.stage)).absolute()
-            preflight_policy(cfg.train, args.pairs, base, args.stage)
+            preflight_policy(cfg.train, args.pairs, base, args.stage, base_options(cfg))
             job = PolicyJob(train=cfg.train.model_dump(mode="json"), pairs_path=str(Path(args.pairs).absolute()),
                             base_path=str(Path(base).absolute()), out_dir=str(out), stage=args.stage, base_name=name,
-                            config_hash=cfg.config_hash(), engine=args.engine)
+                            config_hash=cfg.config_hash(), engine=args.engine, options=base_options(cfg))
             result = train_policy_local(job)
         else:
             result = train_policy(cfg, args.pairs, args.base, args.out, args.stage, engine=args.engine,
@@ -70,11 +74,11 @@ def _train(args) -> int:
 
 
 def _train_judge(args) -> int:
-    from tso.config import load_config
+    from tso.config import load_config_ref
     from tso.train.judge_sft import JudgeJob, judge_train_config, train_judge_local
-    from tso.train.ray_trainer import base_model_path, default_judge_out, train_judge
+    from tso.train.ray_trainer import base_model_path, base_options, default_judge_out, train_judge
 
-    cfg = load_config(args.config)
+    cfg, _ = load_config_ref(args.config, args.set)
     try:
         if args.local:
             feedback = args.feedback or cfg.judge.feedback
@@ -86,7 +90,7 @@ def _train_judge(args) -> int:
                            feedback_path=str(Path(feedback).absolute()), base_path=str(Path(base).absolute()),
                            out_dir=str(out), work_dir=str(out.with_name(out.name + "_train")),
                            config_hash=cfg.config_hash(), base_name=name, max_examples=cfg.judge.train.max_examples,
-                           engine=args.engine)
+                           engine=args.engine, options=base_options(cfg))
             summary = train_judge_local(job)
         else:
             summary = train_judge(cfg, args.feedback, args.out, args.base, engine=args.engine,

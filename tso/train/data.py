@@ -5,10 +5,18 @@ before any seeded shuffle, the K mini-batches and each epoch's order come from s
 (seed, stage, mini-batch, epoch), and a worker's share of an optimizer step is a contiguous slice of
 that step's global batch. Nothing is truncated: a pair longer than ``max_length`` is reported
 (count and ids) and left out.
+
+Which token ends a response: a finished answer (finish reason "stop", and every human answer) gets
+the policy's token for the end of its turn, so the loss teaches it to stop there: the stop token the
+answer's model actually ended with when the policy's tokenizer has it among its stop tokens (the
+same model family), else the end-of-turn token of the policy's chat template, else its EOS. An
+answer cut by a length limit (kept with ``pairs.truncated: keep``) gets no end token: the policy
+must not learn to stop where the limit cut it. The report counts the tokens appended.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +25,18 @@ from typing import Any
 import numpy as np
 
 from tso.method.logprobs import SequenceBatch, collate_pairs, collate_sequences
+from tso.models.chat import encode_chat, encode_continuation, end_of_turn_token, render_chat
 
 REQUIRED_PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
+#: provenance columns training reads when a pairs file has them (written by tso.pairs)
+ENDING_COLUMNS = ("chosen_finish_reason", "rejected_finish_reason", "chosen_stop_token", "rejected_stop_token")
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
     id: str
     prompt: list[int]
-    chosen: list[int]  # response ids + EOS
+    chosen: list[int]  # response ids + the end token (finished answers only)
     rejected: list[int]
 
     @property
@@ -42,9 +53,15 @@ class TokenizeReport:
     kept: int = 0
     too_long: list[str] = field(default_factory=list)
     invalid: list[tuple[str, str]] = field(default_factory=list)
+    end_tokens: Counter = field(default_factory=Counter)  # token appended to finished responses -> count
+    unterminated: int = 0  # responses cut by a length limit, trained without an end token
 
     def summary(self) -> str:
         parts = [f"{self.kept}/{self.total} pairs kept"]
+        if self.end_tokens:
+            parts.append("end tokens appended: " + ", ".join(f"{t} x{n}" for t, n in self.end_tokens.most_common()))
+        if self.unterminated:
+            parts.append(f"{self.unterminated} truncated responses trained without an end token")
         if self.too_long:
             head = ", ".join(self.too_long[:5]) + (" ..." if len(self.too_long) > 5 else "")
             parts.append(f"{len(self.too_long)} longer than max_length left out (ids: {head})")
@@ -55,7 +72,8 @@ class TokenizeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "kept": self.kept, "too_long": list(self.too_long),
-                "invalid": [list(x) for x in self.invalid]}
+                "invalid": [list(x) for x in self.invalid], "end_tokens": dict(self.end_tokens),
+                "unterminated": self.unterminated}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -78,7 +96,8 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
     missing = [c for c in REQUIRED_PAIR_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: pairs file lacks column(s) {missing} (has {table.column_names})")
-    columns = list(REQUIRED_PAIR_COLUMNS) + (["prompt_messages"] if "prompt_messages" in table.column_names else [])
+    optional = ["prompt_messages", *ENDING_COLUMNS]
+    columns = list(REQUIRED_PAIR_COLUMNS) + [c for c in optional if c in table.column_names]
     rows = table.select(columns).to_pylist()
     for row in rows:
         chat = row.pop("prompt_messages", None)
@@ -95,38 +114,72 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- tokenizing
 
 
-def _ids(out) -> list[int]:
-    if isinstance(out, dict) or hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return [int(t) for t in out]
+def _messages(prompt: str | Sequence[dict]) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    raise TypeError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+
+
+def prompt_text(tokenizer, prompt: str | Sequence[dict]) -> str:
+    """The text a prompt becomes: the chat template with the generation prompt when the tokenizer has
+    one, else (one message only) the message itself."""
+    messages = _messages(prompt)
+    if getattr(tokenizer, "chat_template", None):
+        return render_chat(tokenizer, messages)
+    if len(messages) != 1:
+        raise ValueError("a chat prompt needs a tokenizer with a chat template")
+    return messages[0]["content"]
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[dict]) -> list[int]:
     """A string becomes one user turn; a list of {role, content} messages is a chat. Both go through the
     tokenizer's chat template (with the generation prompt) when it has one."""
-    messages = None
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
-        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
-    else:
-        raise TypeError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    messages = _messages(prompt)
     if getattr(tokenizer, "chat_template", None):
-        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        return encode_chat(tokenizer, messages)
     if len(messages) != 1:
         raise ValueError("a chat prompt needs a tokenizer with a chat template")
-    return _ids(tokenizer(messages[0]["content"], add_special_tokens=True).input_ids)
+    return [int(t) for t in tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]]
 
 
-def encode_response(tokenizer, text: str) -> list[int]:
-    """Response tokens plus EOS: the EOS is part of the loss, so the policy learns where to stop."""
+def default_end_id(tokenizer) -> int:
+    """The token that ends the policy's turn: its template's end-of-turn token, else its EOS."""
+    turn = end_of_turn_token(tokenizer)
+    if turn is not None:
+        return int(tokenizer.convert_tokens_to_ids(turn))
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token_id; responses must end with EOS")
-    return _ids(tokenizer(text, add_special_tokens=False).input_ids) + [int(tokenizer.eos_token_id)]
+        raise ValueError("the tokenizer has no eos_token_id and its chat template no end-of-turn token")
+    return int(tokenizer.eos_token_id)
 
 
-def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int) -> tuple[list[TokenizedPair], TokenizeReport]:
-    """Tokenize rows, sorted by id. Over-long pairs and malformed rows are reported, never truncated."""
+def end_id_for(tokenizer, stop_token: str | None, stop_ids: Sequence[int] = ()) -> int:
+    """The end token of a finished answer: the one its model ended with when the policy has it among its
+    stop tokens, else :func:`default_end_id`."""
+    if stop_token:
+        tid = tokenizer.convert_tokens_to_ids(stop_token)
+        if isinstance(tid, int) and tid in set(stop_ids) | {tokenizer.eos_token_id}:
+            return tid
+    return default_end_id(tokenizer)
+
+
+def encode_response(tokenizer, text: str, finished: bool = True, end_id: int | None = None,
+                    after: tuple[str, list[int]] | None = None) -> list[int]:
+    """Response tokens, plus the end token when the answer is finished (it is in the loss, so the
+    policy learns where to stop). ``after`` = (prompt text, prompt ids) tokenizes the response as it
+    follows the prompt (``tso.models.chat.encode_continuation``)."""
+    ids = (encode_continuation(tokenizer, after[0], after[1], text) if after
+           else [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]])
+    if not finished:
+        return ids
+    return ids + [default_end_id(tokenizer) if end_id is None else int(end_id)]
+
+
+def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int, stop_ids: Sequence[int] = ()
+                   ) -> tuple[list[TokenizedPair], TokenizeReport]:
+    """Tokenize rows, sorted by id. Over-long pairs and malformed rows are reported, never truncated.
+    ``stop_ids``: the policy's stop tokens (``tso.models.chat.stop_token_ids``)."""
     report = TokenizeReport(total=len(rows))
     seen: set[str] = set()
     out: list[TokenizedPair] = []
@@ -144,6 +197,7 @@ def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int) -> tu
             report.invalid.append((label, f"missing or non-string {bad or ['prompt']}"))
             continue
         try:
+            text = prompt_text(tokenizer, row["prompt"])
             prompt = encode_prompt(tokenizer, row["prompt"])
         except (TypeError, ValueError, KeyError) as e:
             report.invalid.append((label, f"prompt: {e}"))
@@ -151,11 +205,24 @@ def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int) -> tu
         if not prompt:
             report.invalid.append((label, "prompt has no tokens"))
             continue
-        chosen, rejected = encode_response(tokenizer, row["chosen"]), encode_response(tokenizer, row["rejected"])
+        sides = []
+        for side in ("chosen", "rejected"):
+            finished = row.get(f"{side}_finish_reason") != "length"
+            end = end_id_for(tokenizer, row.get(f"{side}_stop_token"), stop_ids) if finished else None
+            sides.append((encode_response(tokenizer, row[side], finished, end, after=(text, prompt)), finished, end))
+        if any(not ids for ids, _, _ in sides):
+            report.invalid.append((label, "a truncated response has no tokens"))
+            continue
         seen.add(pid)
+        (chosen, _, _), (rejected, _, _) = sides
         if len(prompt) + max(len(chosen), len(rejected)) > max_length:
             report.too_long.append(pid)
             continue
+        for _, finished, end in sides:
+            if finished:
+                report.end_tokens[tokenizer.convert_ids_to_tokens(end)] += 1
+            else:
+                report.unterminated += 1
         out.append(TokenizedPair(pid, prompt, chosen, rejected))
     out.sort(key=lambda p: p.id)
     report.kept = len(out)

@@ -1,4 +1,4 @@
-"""The judge's evaluation correction (TSO-METHOD.md section 2): pi_eval = SFT(pi_base, D_feedback).
+"""The judge's evaluation correction (docs/method.md section 2): pi_eval = SFT(pi_base, D_feedback).
 
 Feedback examples are JSONL records with ``messages``: the judge prompt as user turn(s) and the answer
 "Evaluation evidence: ... Score: X.X" as the last assistant turn. The loss is the mean negative
@@ -26,7 +26,7 @@ from tso.config import RunConfig, TrainConfig
 from tso.method.logprobs import sequence_logprobs
 from tso.train import dist
 from tso.train.checkpoint import ResumeState, load_boundary, save_boundary
-from tso.train.data import chunks, collate_sft_batch, encode_prompt, encode_response, seeded_rng, shard
+from tso.train.data import chunks, collate_sft_batch, encode_prompt, encode_response, prompt_text, seeded_rng, shard
 from tso.train.engine import Engine, make_engine
 from tso.train.export import atomic_write_text, lineage_record, save_hf_model
 from tso.train.metrics import MetricsLog
@@ -103,12 +103,13 @@ def read_feedback(path: str | Path, tokenizer, max_length: int, max_examples: in
                 rid = str(record.get("id", f"line{n:07d}"))
                 if rid in seen:
                     raise ValueError(f"duplicate id {rid!r}")
+                text = prompt_text(tokenizer, prompt_msgs)
                 prompt = encode_prompt(tokenizer, prompt_msgs)
             except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
                 rep.malformed.append((n, str(e)))
                 continue
             seen.add(rid)
-            ans = encode_response(tokenizer, answer)
+            ans = encode_response(tokenizer, answer, after=(text, prompt))
             if len(prompt) + len(ans) > max_length:
                 rep.too_long.append(rid)
                 continue
@@ -229,6 +230,7 @@ class JudgeJob:
     engine: str = "deepspeed"
     threads: int | None = None
     fault: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the base's loading options
 
     @property
     def train_config(self) -> TrainConfig:
@@ -242,7 +244,7 @@ def run_judge_worker(job: JudgeJob, report=None, resume_dir: str | Path | None =
     train = job.train_config
     work = Path(job.work_dir)
     rank = dist.rank()
-    model, tokenizer = load_model_and_tokenizer(job.base_path, train)
+    model, tokenizer = load_model_and_tokenizer(job.base_path, train, job.options)
     examples, rep = read_feedback(job.feedback_path, tokenizer, train.max_length, job.max_examples)
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)

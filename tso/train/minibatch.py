@@ -1,4 +1,4 @@
-"""Mini-batch iterative DPO (TSO-METHOD.md section 4): the loop a Ray Train worker runs, without Ray.
+"""Mini-batch iterative DPO (docs/method.md section 4): the loop a Ray Train worker runs, without Ray.
 
     shuffle D_pref (seeded, after sorting by id), split it into K mini-batches B_1..B_K
     ref <- log-probs of B_1 under the policy at the start of the stage

@@ -135,17 +135,15 @@ def _fit(loop, job, train, storage: Path, name: str, max_failures: int, env: dic
     return result
 
 
-def preflight_policy(train, pairs_path: str, base_path: str, stage: int) -> str:
+def preflight_policy(train, pairs_path: str, base_path: str, stage: int, options: dict | None = None) -> str:
     """Check inputs in the driver, before any worker starts, so bad input is a clear error and not a
     worker stack trace: the model directory, the pairs file, and that every mini-batch holds a step."""
-    from transformers import AutoTokenizer
-
+    from tso.models.checkpoint import load_tokenizer, require_checkpoint
     from tso.train.data import read_pairs, tokenize_pairs
     from tso.train.minibatch import plan_stage
 
-    if not (Path(base_path) / "config.json").is_file():
-        raise FileNotFoundError(f"{base_path}: no Hugging Face model directory (config.json missing)")
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    require_checkpoint(base_path)
+    tokenizer = load_tokenizer(base_path, options)
     pairs, rep = tokenize_pairs(read_pairs(pairs_path), tokenizer, train.max_length)
     if not pairs:
         raise ValueError(f"{pairs_path}: no trainable pairs ({rep.summary()})")
@@ -153,15 +151,14 @@ def preflight_policy(train, pairs_path: str, base_path: str, stage: int) -> str:
     return rep.summary()
 
 
-def preflight_judge(train, feedback_path: str, base_path: str, max_examples: int | None) -> str:
+def preflight_judge(train, feedback_path: str, base_path: str, max_examples: int | None,
+                    options: dict | None = None) -> str:
     """The judge's inputs, checked in the driver: model directory, feedback file, at least one step."""
-    from transformers import AutoTokenizer
-
+    from tso.models.checkpoint import load_tokenizer, require_checkpoint
     from tso.train.judge_sft import read_feedback, sft_total_steps
 
-    if not (Path(base_path) / "config.json").is_file():
-        raise FileNotFoundError(f"{base_path}: no Hugging Face model directory (config.json missing)")
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    require_checkpoint(base_path)
+    tokenizer = load_tokenizer(base_path, options)
     examples, rep = read_feedback(feedback_path, tokenizer, train.max_length, max_examples)
     try:
         sft_total_steps(len(examples), train)
@@ -177,6 +174,12 @@ def default_policy_out(cfg: RunConfig, stage: int) -> Path:
 def base_model_path(cfg: RunConfig) -> tuple[str, str]:
     entry = cfg.matrix.entry(cfg.matrix.base)
     return entry.path, entry.name
+
+
+def base_options(cfg: RunConfig) -> dict[str, Any]:
+    from tso.models.checkpoint import checkpoint_options
+
+    return checkpoint_options(cfg.matrix.entry(cfg.matrix.base))
 
 
 def train_policy(cfg: RunConfig, pairs_path: str | os.PathLike, base_path: str | os.PathLike | None = None,
@@ -196,8 +199,9 @@ def train_policy(cfg: RunConfig, pairs_path: str | os.PathLike, base_path: str |
     out = Path(out_dir or default_policy_out(cfg, stage)).absolute()
     job = PolicyJob(train=cfg.train.model_dump(mode="json"), pairs_path=str(Path(pairs_path).absolute()),
                     base_path=str(Path(base_path).absolute()), out_dir=str(out), stage=stage, base_name=base_name,
-                    config_hash=cfg.config_hash(), engine=engine, threads=threads_per_worker, fault=fault)
-    preflight_policy(cfg.train, job.pairs_path, job.base_path, stage)
+                    config_hash=cfg.config_hash(), engine=engine, threads=threads_per_worker, fault=fault,
+                    options=base_options(cfg))
+    preflight_policy(cfg.train, job.pairs_path, job.base_path, stage, job.options)
     result = _fit(_policy_loop, job, cfg.train, out / "ray", f"stage{stage}", max_failures, env)
     checkpoints = [c.path for c, _ in (result.best_checkpoints or [])]
     return result_from_dir(out, checkpoints)
@@ -230,7 +234,7 @@ def train_judge(cfg: RunConfig, feedback_path: str | os.PathLike | None = None, 
     job = JudgeJob(train=train.model_dump(mode="json"), feedback_path=str(Path(feedback).absolute()),
                    base_path=str(Path(base_path).absolute()), out_dir=str(out), work_dir=str(work),
                    config_hash=cfg.config_hash(), base_name=base_name, max_examples=cfg.judge.train.max_examples,
-                   engine=engine, threads=threads_per_worker, fault=fault)
-    preflight_judge(train, job.feedback_path, job.base_path, job.max_examples)
+                   engine=engine, threads=threads_per_worker, fault=fault, options=base_options(cfg))
+    preflight_judge(train, job.feedback_path, job.base_path, job.max_examples, job.options)
     _fit(_judge_loop, job, train, work / "ray", "judge", max_failures, env)
     return json.loads((work / "summary.json").read_text())

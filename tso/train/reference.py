@@ -1,4 +1,4 @@
-"""The reference hot-swap (TSO-METHOD.md section 4).
+"""The reference hot-swap (docs/method.md section 4).
 
 At a mini-batch boundary the reference becomes the current policy, so the reference log-probs of the
 next mini-batch are computed by the policy itself, in eval mode and without gradients, once, before

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tso.config import TrainConfig
+from tso.models.chat import stop_token_ids
 from tso.train import dist
 from tso.train.checkpoint import load_boundary
 from tso.train.data import read_pairs, tokenize_pairs
@@ -55,6 +56,7 @@ class PolicyJob:
     engine: str = "deepspeed"
     threads: int | None = None
     fault: dict[str, Any] | None = None  # tests only: kill a worker at a step (ray_trainer)
+    options: dict[str, Any] = field(default_factory=dict)  # the base's loading options (tso.models.checkpoint)
 
     @property
     def train_config(self) -> TrainConfig:
@@ -83,13 +85,14 @@ def device_for(train: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def load_model_and_tokenizer(path: str, train: TrainConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(path: str, train: TrainConfig, options: dict[str, Any] | None = None):
+    """The model in fp32 (DeepSpeed keeps its own compute copies) and its tokenizer with the configured
+    chat template, the one the policy's answers were sampled with."""
+    from tso.models.checkpoint import load_causal_lm, load_tokenizer, require_checkpoint
 
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no Hugging Face model directory (config.json missing)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    require_checkpoint(path)
+    tokenizer = load_tokenizer(path, options)
+    model = load_causal_lm(path, options, dtype=torch.float32)
     model.to(device_for(train))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -105,8 +108,9 @@ def run_policy_worker(job: PolicyJob, report=None, resume_dir: str | Path | None
     train = job.train_config
     out = Path(job.out_dir)
     rank = dist.rank()
-    model, tokenizer = load_model_and_tokenizer(job.base_path, train)
-    pairs, rep = tokenize_pairs(read_pairs(job.pairs_path), tokenizer, train.max_length)
+    model, tokenizer = load_model_and_tokenizer(job.base_path, train, job.options)
+    stops = stop_token_ids(tokenizer, model.generation_config, job.options.get("stop_tokens"))
+    pairs, rep = tokenize_pairs(read_pairs(job.pairs_path), tokenizer, train.max_length, stops)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "rejects.json", json.dumps(rep.to_dict(), indent=2))

@@ -5,7 +5,7 @@ learning rate the larger tiny models learn slower). Version 2 of a size *continu
 training — more steps, on a larger pool of train-split tasks — the way a newer release of a model
 family continues from the last one; so a version step costs only the extra steps.
 
-The base model is ``v2-m``: the newest version of the middle size. Its negatives (TSO-METHOD.md
+The base model is ``v2-m``: the newest version of the middle size. Its negatives (docs/method.md
 section 1) are ``v1-m`` (older version of its size) and ``v1-s``, ``v2-s`` (smaller size); its
 positive is ``v2-l`` (newest version of the largest size), plus the human answers.
 """
