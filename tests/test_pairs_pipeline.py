@@ -223,3 +223,24 @@ def test_truncated_answers_are_dropped_redrawn_and_counted(model_dirs, prompts_f
     assert all(r["rejected_finish_reason"] == "length" and r["rejected_stop_token"] is None for r in rows)
     assert all(r["chosen_finish_reason"] == "stop" for r in rows if r["chosen_source"] == HUMAN)
     assert "length" in {r["chosen_finish_reason"] for r in rows if r["chosen_source"] != HUMAN}
+
+
+def test_a_request_that_fails_inside_a_model_fails_its_row_only(model_dirs, prompts_file, tmp_path):
+    """Rows are checked before any model call, but a model can still refuse a request: here rows that
+    skipped the checks, with a prompt longer than every model's context. Such a request costs its
+    source for that row (the side is redrawn from the others); a row left without a pair is a reject
+    naming the source, and the other rows of the batch are answered."""
+    from tso.pairs.backends import LocalBackend
+    from tso.pairs.pipeline import form_batch
+
+    cfg = make_cfg(model_dirs, prompts_file, tmp_path, truncated="keep", human_weight=0.0, self_pair_fraction=0.0)
+    job = PairJob.from_config(cfg, stage=1)
+    rows = [{"id": "ok", "prompt": "add 1 and 2", "human": None, "line": 1},
+            {"id": "huge", "prompt": "x" * 1500, "human": None, "line": 2}]
+    ok, huge = form_batch(job, rows, LocalBackend(cfg))
+    assert ok["reject"] is None and len(ok["pairs"]) == 1 and ok["failed"] == []
+    assert huge["pairs"] == [] and huge["reject"]["reason"] == "generation_failed" and huge["reject"]["line"] == 2
+    assert huge["reject"]["source"] in ("c", "a1", "a2") and "1024" in huge["reject"]["detail"]
+    failed = {f["source"] for f in huge["failed"]}
+    assert failed <= {"c", "a1", "a2"} and "c" in failed  # the only positive source failed: no redraw left
+    assert all(f["code"] == "prompt_too_long" for f in huge["failed"])

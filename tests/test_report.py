@@ -79,12 +79,12 @@ def test_report_without_a_verifier_claims_no_ground_truth(tmp_path):
         {"pairs": 3, "pair_kinds": {"matrix": 3}, "judge": {"judged": 10, "scored": 8, "parse_rate": 0.8},
          "unscored_judge_answers": {"no_score": 2}, "truncated": {"v1": 4}, "truncated_action": "drop"}))
     (tmp_path / "run.json").write_text(json.dumps({"name": "r", "judge": {
-        "kind": "uncorrected", "path": "/m/base", "description": "the base model itself (not corrected)"}}))
+        "kind": "uncorrected", "path": "/m/base", "description": "the base model itself, not corrected,"}}))
     text = write_report(tmp_path).read_text()
     assert "ground truth" not in text.replace("not ground truth", "")
     assert "verifier mean" not in text and "| model | correctness |" not in text
     assert "win rate vs base (judge)" in text and "| tso-1 | 5.67 ± 0.88 | 0.50 | 0.75 | 0.25 | 4 |" in text
-    assert "The judge is the base model itself (not corrected) (`/m/base`)." in text
+    assert "The judge is the base model itself, not corrected, at `/m/base`." in text
     assert "above base by the judge's scores: **yes** (5.667 vs 5.000)" in text
     assert "| pairs stage-1 | 10 | 0.80 | no_score 2 |" in text and "| eval tso-1 | 4 | 0.75 | no_score 1 |" in text
     assert "| stage-1 | 3 | matrix 3 | - | 4 (drop) |" in text

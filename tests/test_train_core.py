@@ -405,11 +405,10 @@ def test_tso_train_command_local_writes_version_dir_metrics_and_plot(tmp_path, t
     assert lineage["config_hash"] == load_config(cfg).config_hash()
     assert (out / "training.png").is_file() and len(read_steps(out / "metrics.jsonl")) == 2 * 4
 
-    # bad input: a clear error and exit status 2, no stack trace
-    small = _config_yaml(tmp_path, tiny_model_dir, global_batch=64, micro_batch=8)
-    bad = subprocess.run([sys.executable, "-m", "tso.cli", "train", str(small), "--pairs", str(pairs_file), "--local",
-                          "--engine", "torch", "--out", str(tmp_path / "x")], capture_output=True, text=True,
-                         timeout=240, cwd=REPO)
+    # bad input (here through --set, as for tso run): a clear error and exit status 2, no stack trace
+    bad = subprocess.run([sys.executable, "-m", "tso.cli", "train", str(cfg), "--pairs", str(pairs_file), "--local",
+                          "--engine", "torch", "--out", str(tmp_path / "x"), "--set", "train.global_batch=64",
+                          "--set", "train.micro_batch=8"], capture_output=True, text=True, timeout=240, cwd=REPO)
     assert bad.returncode == 2 and "fewer than one optimizer step" in bad.stderr and "Traceback" not in bad.stderr
     missing = subprocess.run([sys.executable, "-m", "tso.cli", "train", str(cfg), "--pairs", str(tmp_path / "no.parquet"),
                               "--local"], capture_output=True, text=True, timeout=240, cwd=REPO)

@@ -11,10 +11,26 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(path: Path) -> None:
+    """Give a file (or a directory's files) the mode a plain ``open`` would: temporary files and
+    safetensors are created 0600, which a shared cache or run directory must not inherit."""
+    mode = 0o666 & ~_umask()
+    for f in (path.iterdir() if path.is_dir() else [path]):
+        if f.is_file():
+            os.chmod(f, mode)
+
+
 def _tmp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    respect_umask(Path(tmp))
     return Path(tmp)
 
 
@@ -56,6 +72,8 @@ def atomic_dir(path: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        respect_umask(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

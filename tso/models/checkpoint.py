@@ -86,3 +86,8 @@ def judge_options(cfg) -> dict[str, Any]:
 def derived_options(entry) -> dict[str, Any]:
     """The keys a model trained from ``entry`` keeps (a local directory now: no hub revision)."""
     return {**checkpoint_options(entry), "revision": None}
+
+
+def absolute_checkpoint(path: str | Path) -> str:
+    """A local checkpoint as an absolute path (workers run elsewhere); a hub id as it is."""
+    return str(path) if is_hub_id(str(path)) else str(Path(path).absolute())

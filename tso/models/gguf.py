@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
+
+from tso.io import atomic_dir
 
 GGUF_MAGIC = b"GGUF"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -94,46 +93,9 @@ def save_model_dir(model, tokenizer, out_dir: str | Path, dtype: str = "float32"
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
 
-    return write_dir_atomically(out, write)
-
-
-def write_dir_atomically(out: Path, write) -> Path:
-    """Call `write(tmp)` on a temporary directory beside `out`, then swap it in; `out` changes only on success."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         write(tmp)
-        respect_umask(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def respect_umask(folder: Path) -> None:
-    """safetensors writes its files 0600; a shared cache needs them readable like any other file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in folder.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o666 & ~umask)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`; an existing `dst` is moved aside first and removed only after the swap."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dst, old)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def import_record(gguf_file: Path, dtype: str) -> dict:

@@ -4,11 +4,13 @@ A prompt under ``pairs.max_prompt_chars`` can still be longer than a model's con
 tokenizers, small ``max_model_len``), and a human answer longer than what the policy trains on or
 the judge can read. Checked here, per row, with each model's own tokenizer and chat template:
 
-- a matrix source whose context the prompt does not fit is *unavailable* for that row: the row draws
+- a matrix source whose context the prompt does not fit (or whose template refuses it) is
+  *unavailable* for that row: the row draws
   from the other sources of its mixture (recorded in the provenance, as for a missing human answer);
 - a row with no available source on a side is a reject (``no_positive_source`` / ``no_negative_source``);
 - a prompt the policy cannot take (its context, or ``train.max_length`` with one answer token) is a
-  reject (``prompt_too_long``): no pair of it could be trained;
+  reject (``prompt_too_long``; ``chat_template_rejected`` when its template refuses the chat, e.g. a
+  system turn): no pair of it could be trained;
 - a human answer too long for the policy (``train.max_length``) or the judge (rubric, question and
   answer with room for the verdict) is dropped from its row (recorded with its line) and the row
   renormalises alpha.
@@ -74,13 +76,14 @@ class RowLimits:
         self.train_max = cfg.train.max_length
         self.judge_room = cfg.judge.sampling.max_new_tokens
 
-    def _fits(self, name: str, prompt) -> tuple[bool, str]:
+    def _fits(self, name: str, prompt) -> tuple[bool, str, str]:
+        """(fits, why not, reject reason) of a prompt for one model."""
         r = self.readers[name]
         try:
             n = r.prompt_tokens(prompt)
         except ChatTemplateError as e:
-            return False, f"{name}: {e}"
-        return n < r.context, f"{name}: {n} prompt tokens, context {r.context}"
+            return False, f"{name}: {e}", "chat_template_rejected"
+        return n < r.context, f"{name}: {n} prompt tokens, context {r.context}", "prompt_too_long"
 
     def _human_problem(self, row: dict) -> str | None:
         human = row["human"]
@@ -101,16 +104,16 @@ class RowLimits:
     def check(self, row: dict) -> tuple[dict, dict | None, dict | None]:
         """(row with its available sources, reject or None, dropped-human record or None)."""
         prompt = row["prompt"]
-        ok, why = self._fits(POLICY, prompt)
+        ok, why, reason = self._fits(POLICY, prompt)
         if not ok:
-            return row, _reject(row, "prompt_too_long", why), None
+            return row, _reject(row, reason, why), None
         tokens = self.readers[POLICY].prompt_tokens(prompt)
         if tokens + 2 > self.train_max:  # an answer token and its end-of-turn token
             return row, _reject(row, "prompt_too_long", f"policy: {tokens} prompt tokens leave no room for an answer "
                                                         f"within train.max_length {self.train_max}"), None
         unavailable = {}
         for name in sorted(self.sources):
-            fits, why = self._fits(name, prompt)
+            fits, why, _ = self._fits(name, prompt)
             if not fits:
                 unavailable[name] = why
         dropped = None

@@ -125,9 +125,9 @@ def _done(path: Path) -> bool:
 
 
 JUDGE_KINDS = {
-    "configured": "the configured judge.path",
-    "corrected": "the base model fine-tuned on judge.feedback at stage 0 (evaluation correction)",
-    "uncorrected": "the base model itself (no judge.feedback and no judge.path: not corrected)",
+    "configured": "the configured judge.path,",
+    "corrected": "the base model fine-tuned on judge.feedback at stage 0, by evaluation correction,",
+    "uncorrected": "the base model itself, not corrected (no judge.feedback and no judge.path),",
 }
 
 

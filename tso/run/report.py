@@ -63,7 +63,7 @@ def judge_text(meta: dict, evals: list[dict]) -> str:
     judge = meta.get("judge") or {}
     parts = []
     if judge:
-        parts.append(f"The judge is {judge.get('description', judge.get('kind'))} (`{judge.get('path')}`).")
+        parts.append(f"The judge is {judge.get('description', judge.get('kind'))} at `{judge.get('path')}`.")
     if has_verifier(evals):
         parts.append(f"The verifier (`{meta.get('verifier', 'configured')}`) gives the ground truth on the 2..10 "
                      "scale; win rates compare its scores of each model's and the base's answers to the same prompt.")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tso.commands import add_set_argument
+from tso.models.checkpoint import absolute_checkpoint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +57,7 @@ def _train(args) -> int:
             out = Path(args.out or default_policy_out(cfg, args.stage)).absolute()
             preflight_policy(cfg.train, args.pairs, base, args.stage, base_options(cfg))
             job = PolicyJob(train=cfg.train.model_dump(mode="json"), pairs_path=str(Path(args.pairs).absolute()),
-                            base_path=str(Path(base).absolute()), out_dir=str(out), stage=args.stage, base_name=name,
+                            base_path=absolute_checkpoint(base), out_dir=str(out), stage=args.stage, base_name=name,
                             config_hash=cfg.config_hash(), engine=args.engine, options=base_options(cfg))
             result = train_policy_local(job)
         else:
@@ -87,7 +88,7 @@ def _train_judge(args) -> int:
             base, name = (args.base, None) if args.base else base_model_path(cfg)
             out = Path(args.out or default_judge_out(cfg)).absolute()
             job = JudgeJob(train=judge_train_config(cfg).model_dump(mode="json"),
-                           feedback_path=str(Path(feedback).absolute()), base_path=str(Path(base).absolute()),
+                           feedback_path=str(Path(feedback).absolute()), base_path=absolute_checkpoint(base),
                            out_dir=str(out), work_dir=str(out.with_name(out.name + "_train")),
                            config_hash=cfg.config_hash(), base_name=name, max_examples=cfg.judge.train.max_examples,
                            engine=args.engine, options=base_options(cfg))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tso.config import RunConfig
+from tso.models.checkpoint import absolute_checkpoint
 from tso.train.judge_sft import JudgeJob, judge_train_config, run_judge_worker
 from tso.train.stage import PolicyJob, TrainResult, result_from_dir, run_policy_worker
 
@@ -198,7 +199,7 @@ def train_policy(cfg: RunConfig, pairs_path: str | os.PathLike, base_path: str |
         base_path, base_name = base_model_path(cfg)
     out = Path(out_dir or default_policy_out(cfg, stage)).absolute()
     job = PolicyJob(train=cfg.train.model_dump(mode="json"), pairs_path=str(Path(pairs_path).absolute()),
-                    base_path=str(Path(base_path).absolute()), out_dir=str(out), stage=stage, base_name=base_name,
+                    base_path=absolute_checkpoint(base_path), out_dir=str(out), stage=stage, base_name=base_name,
                     config_hash=cfg.config_hash(), engine=engine, threads=threads_per_worker, fault=fault,
                     options=base_options(cfg))
     preflight_policy(cfg.train, job.pairs_path, job.base_path, stage, job.options)
@@ -232,7 +233,7 @@ def train_judge(cfg: RunConfig, feedback_path: str | os.PathLike | None = None, 
     work = out.with_name(out.name + "_train")
     train = judge_train_config(cfg)
     job = JudgeJob(train=train.model_dump(mode="json"), feedback_path=str(Path(feedback).absolute()),
-                   base_path=str(Path(base_path).absolute()), out_dir=str(out), work_dir=str(work),
+                   base_path=absolute_checkpoint(base_path), out_dir=str(out), work_dir=str(work),
                    config_hash=cfg.config_hash(), base_name=base_name, max_examples=cfg.judge.train.max_examples,
                    engine=engine, threads=threads_per_worker, fault=fault, options=base_options(cfg))
     preflight_judge(train, job.feedback_path, job.base_path, job.max_examples, job.options)
