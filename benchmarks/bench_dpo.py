@@ -119,8 +119,8 @@ def run_tso(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tso.train.backend import make_backend
     from tso.train.data import read_pairs, tokenize_pairs
-    from tso.train.engine import make_engine
     from tso.train.metrics import MetricsLog, read_kind, read_steps
     from tso.train.minibatch import plan_stage, run_minibatch_dpo
 
@@ -131,12 +131,12 @@ def run_tso(spec: dict[str, Any]) -> dict[str, Any]:
     pairs, rep = tokenize_pairs(read_pairs(spec["pairs"]), tok, train.max_length)
     assert rep.kept == rep.total, rep.summary()
     plan = plan_stage(len(pairs), train, stage=1)
-    engine = make_engine(spec["engine"], model, train, plan.total_steps, use_gpu=spec["gpu"])
+    backend = make_backend(spec["engine"], model, train, plan.total_steps, use_gpu=spec["gpu"])
     metrics_path = Path(spec["result"]).with_suffix(".metrics.jsonl")  # one file per run
     metrics_path.unlink(missing_ok=True)
     _sync()
     t0 = time.perf_counter()
-    res = run_minibatch_dpo(engine, pairs, train, pad_id=tok.pad_token_id, stage=1, plan=plan,
+    res = run_minibatch_dpo(backend, pairs, train, pad_id=tok.pad_token_id, stage=1, plan=plan,
                             metrics=MetricsLog(metrics_path), checkpoints=False, log=None)
     _sync()
     total = time.perf_counter() - t0
@@ -150,7 +150,7 @@ def run_tso(spec: dict[str, Any]) -> dict[str, Any]:
     durations = [cur["time_s"] - prev["time_s"] - ref_after.get(prev["step"], 0.0)
                  for prev, cur in zip(steps, steps[1:])][max(w - 1, 0):]
     return {
-        "engine": engine.kind, "steps": len(steps), "timed_steps": len(steps) - w,
+        "engine": backend.kind, "steps": len(steps), "timed_steps": len(steps) - w,
         "window_s": window - inside, "reference_time_s": res.reference_time_s, "reference_passes": len(refs),
         "total_time_s": total, "tokens_per_step": steps[-1]["tokens"], "pairs_per_step": steps[-1]["pairs"],
         "step_times_s": durations,
@@ -274,9 +274,9 @@ def build_inputs(shape: dict[str, Any], n_pairs: int, workdir: Path, gpu: bool) 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tso.io import atomic_write_jsonl, atomic_write_parquet
     from tso.toyworld.tokenizer import build_tokenizer
     from tso.train.data import encode_prompt, encode_response
-    from tso.train.toy import write_jsonl, write_pairs
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -301,7 +301,8 @@ def build_inputs(shape: dict[str, Any], n_pairs: int, workdir: Path, gpu: bool) 
     r0 = rows[0]
     assert len(encode_prompt(tok, r0["prompt"])) == shape["prompt"]
     assert len(encode_response(tok, r0["chosen"])) == shape["response"]
-    return model_dir, write_pairs(rows, workdir / "pairs.parquet"), write_jsonl(rows, workdir / "pairs.jsonl"), n_params
+    pairs = atomic_write_parquet(workdir / "pairs.parquet", rows)
+    return model_dir, pairs, atomic_write_jsonl(workdir / "pairs.jsonl", rows), n_params
 
 
 def machine_info(gpu: bool) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Pair formation throughput: Serve + Ray Data versus the same generation and judging in one process.
 
 Both sides run `tso.pairs.pipeline.form_batch` over the same prompts, models, sampling and batch size:
-the baseline with `LocalBackend` (the engines in this process, no Ray), the pipeline with Ray Data
-streaming batches to the Serve deployments (`ServeBackend`). Each engine uses the same torch thread
+the baseline with `InProcessClient` (the engines in this process, no Ray), the pipeline with Ray Data
+streaming batches to the Serve deployments (`ServeClient`). Each engine uses the same torch thread
 count on both sides. The ratio pipeline_seconds / local_seconds is the pipeline's overhead (target:
 <= 1.15, PERFORMANCE-TARGETS.md). Model loading and deployment are outside the timed region; both
 sides get a warm-up batch first.
@@ -80,9 +80,9 @@ def main(argv=None) -> int:
     import torch
     from ray import serve
 
-    from tso.pairs.backends import LocalBackend
     from tso.pairs.pipeline import form_pairs_step
     from tso.serving.app import deploy
+    from tso.serving.client import InProcessClient
 
     tmp = Path(tempfile.mkdtemp(prefix="tso-bench-pairs-"))
     dirs = _tiny_models(tmp / "models")
@@ -90,10 +90,10 @@ def main(argv=None) -> int:
     warm = _config(dirs, _prompts(tmp / "warm.jsonl", args.batch_size), tmp / "run", args)
 
     torch.set_num_threads(args.threads)
-    local = LocalBackend(cfg)
-    form_pairs_step(warm, 1, tmp / "warm-local", backend=local, batch_size=args.batch_size, progress=False)
+    local = InProcessClient(cfg)
+    form_pairs_step(warm, 1, tmp / "warm-local", client=local, batch_size=args.batch_size, progress=False)
     start = time.perf_counter()
-    local_res = form_pairs_step(cfg, 1, tmp / "local", backend=local, batch_size=args.batch_size, progress=False)
+    local_res = form_pairs_step(cfg, 1, tmp / "local", client=local, batch_size=args.batch_size, progress=False)
     local_s = time.perf_counter() - start
     del local
 
@@ -119,9 +119,9 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
                     "torch": torch.__version__, "ray": ray.__version__},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "baseline": {"name": "one process, no Ray (LocalBackend)", "seconds": round(local_s, 3),
+        "baseline": {"name": "one process, no Ray (InProcessClient)", "seconds": round(local_s, 3),
                      "pairs": local_res["summary"]["pairs"], "pairs_per_s": round(local_res["summary"]["pairs"] / local_s, 3)},
-        "pipeline": {"name": "Ray Data -> Serve deployments (ServeBackend)", "seconds": round(ray_s, 3),
+        "pipeline": {"name": "Ray Data -> Serve deployments (ServeClient)", "seconds": round(ray_s, 3),
                      "pairs": n_pairs, "pairs_per_s": round(n_pairs / ray_s, 3)},
         "ratio_pipeline_over_baseline_seconds": round(ray_s / local_s, 3),
         "target_ratio_at_most": 1.15,

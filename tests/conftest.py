@@ -50,8 +50,15 @@ def ray_cluster():
         ray.shutdown()
 
 
+TIERS = ("vllm", "gpu")  # tiers beyond the default `cpu` one, selected with -m
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `last` run after all others (they stop Ray clusters machine-wide)."""
+    """Every test is in a hardware tier (`cpu` unless marked `vllm` or `gpu`), so `-m cpu` runs what a
+    CPU-only machine can. Tests marked `last` run after all others (they stop Ray clusters machine-wide)."""
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.cpu)
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 

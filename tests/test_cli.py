@@ -1,5 +1,6 @@
 """The `tso` console script as a user runs it."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,28 @@ def test_readme_configuration_reference_is_current():
     start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
     end = readme.index("<!-- config-reference:end -->")
     assert readme[start:end] == config_reference(), "regenerate with `tso config reference`"
+
+
+def test_configuration_reference_shows_the_defaults_a_config_really_gets():
+    """Every default in the table is the value a minimal config holds (nested defaults included: the
+    judge decodes greedily, evaluation allows 2048 new tokens)."""
+    from tso.commands import config_reference
+    from tso.config import parse_config
+
+    cfg = parse_config({"matrix": {"base": "b", "models": [
+        {"name": "a", "path": "/m/a", "version": 1, "size": 1}, {"name": "b", "path": "/m/b", "version": 1, "size": 2},
+        {"name": "c", "path": "/m/c", "version": 1, "size": 4}]}})
+    checked = 0
+    for row in config_reference().splitlines()[2:]:
+        field, _, default = (c.strip() for c in re.split(r"(?<!\\)\|", row.strip("|"))[:3])
+        path = field.strip("`")
+        if "[]" in path or default == "required" or path in ("run_dir",):
+            continue
+        value = cfg
+        for part in path.split("."):
+            value = getattr(value, part)
+        assert default == f"`{value!r}`".replace("|", "\\|"), (path, default, value)
+        checked += 1
+    assert checked > 90
+    assert "| `judge.sampling.temperature` | float | `0.0` |" in config_reference()
+    assert "| `eval.sampling.max_new_tokens` | int | `2048` |" in config_reference()

@@ -48,23 +48,28 @@ def config_reference() -> str:
 
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def walk(model: type[BaseModel], prefix: str, defaults: BaseModel | None = None) -> None:
+        """``defaults``: the instance a parent field's default factory builds (the judge's sampling is
+        greedy, not SamplingConfig's own 0.7), so the table shows the defaults a config really gets."""
         for name, field in model.model_fields.items():
             path = f"{prefix}{name}"
             ann = field.annotation
             sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            nested = None
+            if sub is not None and not field.is_required():
+                nested = getattr(defaults, name) if defaults is not None else field.get_default(call_default_factory=True)
             if sub is None:  # list[ModelEntry] and similar
                 args = getattr(ann, "__args__", ())
                 sub = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
                 if sub is not None:
                     path += "[]"
             if sub is not None:
-                walk(sub, path + ".")
+                walk(sub, path + ".", nested if isinstance(nested, BaseModel) else None)
                 continue
             if field.is_required():
                 default = "required"
             else:
-                value = field.get_default(call_default_factory=True)
+                value = getattr(defaults, name) if defaults is not None else field.get_default(call_default_factory=True)
                 default = f"`{value!r}`".replace("|", "\\|")
             type_name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
             type_name = type_name.replace("|", "\\|")

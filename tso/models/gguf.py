@@ -6,11 +6,10 @@ quantization config), so the weights move into a fresh, unquantised model of the
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from tso.io import atomic_dir
+from tso.io import atomic_dir, file_digest
 
 GGUF_MAGIC = b"GGUF"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -42,14 +41,6 @@ def torch_dtype(dtype: str):
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return getattr(torch, dtype)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_gguf(gguf_file: str | Path):
@@ -101,7 +92,7 @@ def save_model_dir(model, tokenizer, out_dir: str | Path, dtype: str = "float32"
 def import_record(gguf_file: Path, dtype: str) -> dict:
     import transformers
 
-    return {"source": gguf_file.name, "sha256": sha256_file(gguf_file), "dtype": dtype,
+    return {"source": gguf_file.name, "sha256": file_digest(gguf_file), "dtype": dtype,
             "transformers": transformers.__version__}
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from tso.commands import add_set_argument
+from tso.io import pairs_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,14 +31,14 @@ def _pairs(args) -> int:
 
     cfg, path = load_config_ref(args.config, args.set)
     check_models(cfg, path)
-    out = Path(args.out or Path(cfg.run_dir) / f"stage-{args.stage}" / "pairs").absolute()
+    out = Path(args.out or pairs_dir(cfg.run_dir, args.stage)).absolute()
     if args.local:
-        from tso.pairs.backends import LocalBackend
+        from tso.serving.client import InProcessClient
 
-        res = form_pairs_step(cfg, args.stage, out, backend=LocalBackend(cfg, policy_path=args.policy),
+        res = form_pairs_step(cfg, args.stage, out, client=InProcessClient(cfg, policy_path=args.policy),
                               batch_size=args.batch_size)
     else:
-        from tso.run.pipeline import connect_ray
+        from tso.cluster import connect_ray
         from tso.serving.app import deploy
 
         connect_ray()

@@ -26,7 +26,7 @@ from tso.method.judging import judge_question, render_judge_prompt
 from tso.method.sources import HUMAN
 from tso.models.chat import ChatTemplateError, as_messages, encode_chat
 from tso.models.checkpoint import checkpoint_options, context_length, judge_options, load_config, load_tokenizer
-from tso.pairs.backends import POLICY
+from tso.serving.client import POLICY
 
 
 @dataclass

@@ -25,10 +25,9 @@ from pathlib import Path
 
 from tso.method.pairing import Candidate, PairRules, form_pairs, tries_self_pair
 from tso.method.sources import HUMAN, Mixtures, draw_source, row_rng, row_seed
-from tso.pairs.backends import POLICY, Backend
 from tso.pairs.prompts import as_chat
+from tso.serving.client import POLICY, ModelClient
 
-SCORE_BINS = [2, 3, 4, 5, 6, 7, 8, 9, 10]
 #: counts of form_pairs that are not pair kinds
 NO_PAIR_KEYS = ("filtered", "no_positive", "no_negative", "no_self_pair")
 
@@ -122,7 +121,7 @@ def _samples(result: dict, source: str) -> list[Candidate]:
             for t, f, s in zip(result["texts"], result["finish_reasons"], stops)]
 
 
-def _generate_sides(job: PairJob, rows: list[dict], plans: list[dict], backend: Backend) -> list[_RowState]:
+def _generate_sides(job: PairJob, rows: list[dict], plans: list[dict], client: ModelClient) -> list[_RowState]:
     """Matrix answers (with keyed redraws of dropped or failed ones) and the policy's own samples."""
     states = [_RowState({"pos": [None] * len(p["pos"]), "neg": [None] * len(p["neg"]), "self": []}) for p in plans]
     pending: list[tuple[int, str, int, str, int]] = []  # (row, side, k, source, seed)
@@ -138,7 +137,7 @@ def _generate_sides(job: PairJob, rows: list[dict], plans: list[dict], backend: 
         requests = [(src, _request(rows[i], job, 1, seed)) for i, _, _, src, seed in pending]
         if attempt == 0:
             requests += [(POLICY, _request(rows[i], job, job.n_self, plans[i]["self_seed"])) for i in self_rows]
-        results = backend.generate(requests) if requests else []
+        results = client.generate(requests) if requests else []
         retry = []
         for (i, side, k, src, _), result in zip(pending, results):
             state = states[i]
@@ -180,7 +179,7 @@ def _generate_sides(job: PairJob, rows: list[dict], plans: list[dict], backend: 
     return states
 
 
-def _judge(rows: list[dict], states: list[_RowState], backend: Backend) -> None:
+def _judge(rows: list[dict], states: list[_RowState], client: ModelClient) -> None:
     """Score every candidate in place; a judge answer without a score stays unscored with its reason."""
     slots, requests = [], []
     for i, (row, state) in enumerate(zip(rows, states)):
@@ -189,7 +188,7 @@ def _judge(rows: list[dict], states: list[_RowState], backend: Backend) -> None:
                 if c is not None:
                     slots.append((i, side, k))
                     requests.append({"prompt": row["prompt"], "response": c.text})
-    for (i, side, k), verdict in zip(slots, backend.score(requests) if requests else []):
+    for (i, side, k), verdict in zip(slots, client.score(requests) if requests else []):
         c = states[i].candidates[side][k]
         if "error" in verdict:
             states[i].failed.append({"source": "judge", **verdict["error"]})
@@ -199,11 +198,11 @@ def _judge(rows: list[dict], states: list[_RowState], backend: Backend) -> None:
         states[i].candidates[side][k] = Candidate(c.text, c.source, score, reason, c.finish_reason, c.stop_token)
 
 
-def form_batch(job: PairJob, rows: list[dict], backend: Backend) -> list[dict]:
+def form_batch(job: PairJob, rows: list[dict], client: ModelClient) -> list[dict]:
     """Pairs and per-prompt statistics for a batch of prompt rows; all requests of a round go out at once."""
     plans = [_plan_row(job, r) for r in rows]
-    states = _generate_sides(job, rows, plans, backend)
-    _judge(rows, states, backend)
+    states = _generate_sides(job, rows, plans, client)
+    _judge(rows, states, client)
     out = []
     for row, plan, state in zip(rows, plans, states):
         judged = {side: [c for c in cands if c is not None] for side, cands in state.candidates.items()}
@@ -237,16 +236,16 @@ def form_batch(job: PairJob, rows: list[dict], backend: Backend) -> list[dict]:
 
 
 class _RayPairFormer:
-    """Ray Data map_batches UDF: one ServeBackend per actor, reused across batches."""
+    """Ray Data map_batches UDF: one ServeClient per actor, reused across batches."""
 
     def __init__(self, job: PairJob, app_name: str):
-        from tso.pairs.backends import ServeBackend
+        from tso.serving.client import ServeClient
 
-        self.job, self.backend = job, ServeBackend(app_name)
+        self.job, self.client = job, ServeClient(app_name)
 
     def __call__(self, batch: dict) -> dict:
         rows = [json.loads(r) for r in batch["row_json"]]
-        results = form_batch(self.job, rows, self.backend)
+        results = form_batch(self.job, rows, self.client)
         return {"id": [r["id"] for r in results], "result_json": [json.dumps(r) for r in results]}
 
 
@@ -273,9 +272,9 @@ def run_with_ray_data(job: PairJob, rows: list[dict], app_name: str, batch_size:
         yield json.loads(item["result_json"])
 
 
-def run_local(job: PairJob, rows: list[dict], backend: Backend, batch_size: int = 16):
+def run_local(job: PairJob, rows: list[dict], client: ModelClient, batch_size: int = 16):
     for start in range(0, len(rows), batch_size):
-        yield from form_batch(job, rows[start : start + batch_size], backend)
+        yield from form_batch(job, rows[start : start + batch_size], client)
 
 
 def summarize(results: list[dict], rejects: list[dict], over_limit: int, seconds: float,
@@ -395,9 +394,9 @@ def check_rows(cfg, rows: list[dict], policy_path: str | None = None, progress: 
     return kept, rejects, dropped
 
 
-def form_pairs_step(cfg, stage: int, out_dir: str | Path, *, app_name: str | None = None, backend: Backend | None = None,
+def form_pairs_step(cfg, stage: int, out_dir: str | Path, *, app_name: str | None = None, client: ModelClient | None = None,
                     batch_size: int = 16, concurrency: int = 2, progress: bool = True) -> dict:
-    """Read cfg.pairs.prompts, form pairs through Serve (or `backend`), write pairs/summary/rejects."""
+    """Read cfg.pairs.prompts, form pairs through Serve (or `client`), write pairs/summary/rejects."""
     from tqdm import tqdm
 
     from tso.pairs.prompts import read_prompts
@@ -409,10 +408,10 @@ def form_pairs_step(cfg, stage: int, out_dir: str | Path, *, app_name: str | Non
     rows, length_rejects, human_dropped = check_rows(cfg, prompts.rows, progress=progress)
     job = PairJob.from_config(cfg, stage)
     start = time.perf_counter()
-    if backend is None:
+    if client is None:
         stream = run_with_ray_data(job, rows, app_name or cfg.serve.app_name, batch_size, concurrency)
     else:
-        stream = run_local(job, rows, backend, batch_size)
+        stream = run_local(job, rows, client, batch_size)
     results = list(tqdm(stream, total=len(rows), desc=f"pairs stage {stage}", unit="prompt", disable=not progress))
     rejects = prompts.rejects + length_rejects + [r["reject"] for r in results if r.get("reject")]
     rejects.sort(key=lambda r: (r.get("line") or 0, r.get("scope", "row")))

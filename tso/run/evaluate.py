@@ -18,7 +18,7 @@ def _generate_answers(engine_cfg: dict, path: str, rows: list[dict], sampling: d
     """Runs where Ray places it (a task with the model's resources): load once, generate in batches.
     One answer per row: {"text", "finish_reason"} or {"error"} for a prompt the model cannot take."""
     from tso.config import EngineConfig
-    from tso.engines.base import make_engine
+    from tso.engines.factory import make_engine
     from tso.engines.requests import generate_requests
     from tso.pairs.prompts import as_chat
 
@@ -37,7 +37,7 @@ def _generate_answers(engine_cfg: dict, path: str, rows: list[dict], sampling: d
     return out
 
 
-def evaluate_model(cfg, label: str, path: str, rows: list[dict], out_dir: Path, backend) -> dict:
+def evaluate_model(cfg, label: str, path: str, rows: list[dict], out_dir: Path, client) -> dict:
     """Answers and scores of one model, written to <out_dir>/<label>.answers.jsonl (resumable per model)."""
     import ray
 
@@ -56,7 +56,7 @@ def evaluate_model(cfg, label: str, path: str, rows: list[dict], out_dir: Path, 
     )
     answers = ray.get(remote.remote(base.engine.model_dump(), path, rows, sampling, cfg.seed, checkpoint_options(base)))
     answered = [(r, a) for r, a in zip(rows, answers) if "text" in a]
-    verdicts = iter(backend.score([{"prompt": r["prompt"], "response": a["text"]} for r, a in answered]))
+    verdicts = iter(client.score([{"prompt": r["prompt"], "response": a["text"]} for r, a in answered]))
     verifier = load_verifier(cfg.eval.verifier)
     records = []
     for r, a in zip(rows, answers):
@@ -155,13 +155,13 @@ def read_eval_rows(cfg, out_dir: Path | None = None) -> list[dict]:
     return ps.rows
 
 
-def evaluate(cfg, models: dict[str, str], out_dir: str | Path, backend) -> list[dict]:
+def evaluate(cfg, models: dict[str, str], out_dir: str | Path, client) -> list[dict]:
     """Evaluate {label: model dir}; "base" must be among them for win rates. Writes <label>.json each."""
     out_dir = Path(out_dir)
     rows = read_eval_rows(cfg, out_dir)
     results = {}
     for label, path in models.items():
-        res = evaluate_model(cfg, label, path, rows, out_dir, backend)
+        res = evaluate_model(cfg, label, path, rows, out_dir, client)
         print(f"[eval] {label}: {len(res['records'])} answers{' (resumed)' if res['resumed'] else ''}")
         results[label] = res["records"]
     base = results.get("base")

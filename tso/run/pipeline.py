@@ -17,12 +17,12 @@ completed step. Layout of a run directory:
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from tso.cluster import connect_ray
 from tso.config import ModelEntry, RunConfig, deep_merge, dump_config, method_overrides, parse_config, resolve_config_ref
-from tso.io import atomic_write_json, atomic_write_text
+from tso.io import atomic_write_json, atomic_write_text, baseline_run_dir, eval_dir, judge_dir, pairs_dir, train_dir
 from tso.models.checkpoint import OPTION_KEYS, checkpoint_options, derived_options
 
 
@@ -57,23 +57,6 @@ def _metric(name: str, description: str):
         return Gauge(name, description=description, tag_keys=("run",))
     except Exception:  # noqa: BLE001 - metrics are best effort
         return None
-
-
-def connect_ray(num_cpus: int = 8) -> bool:
-    """Join the cluster named by RAY_ADDRESS (set for `ray job submit` drivers), else start a local one
-    with more logical CPUs than cores. Returns True when it started its own cluster."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if os.environ.get("TSO_HOME"):
-        env["TSO_HOME"] = os.environ["TSO_HOME"]
-    if os.environ.get("RAY_ADDRESS"):  # a `ray job submit` driver (or RAY_ADDRESS=auto): join that cluster
-        ray.init(log_to_driver=True)
-        return False
-    ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True)
-    return True
 
 
 # ----------------------------------------------------------------------------- matrix bookkeeping
@@ -131,23 +114,23 @@ JUDGE_KINDS = {
 }
 
 
-def judge_step(cfg: RunConfig, run_dir: Path, timer: Timer) -> tuple[str, str]:
+def judge_phase(cfg: RunConfig, run_dir: Path, timer: Timer) -> tuple[str, str]:
     """Stage 0: the judge, as (path, kind). A configured judge.path is used as is; without one the
     base model is fine-tuned on judge.feedback, or serves uncorrected when there is no feedback."""
     if cfg.judge.path:
         return cfg.judge.path, "configured"
     base = cfg.matrix.entry(cfg.matrix.base).path
-    judge_dir = run_dir / "judge"
-    if _done(judge_dir / "config.json") and _done(run_dir / "judge_train" / "summary.json"):
-        print(f"[tso] judge: done before ({judge_dir})")
-        return str(judge_dir), "corrected"
+    judge = judge_dir(run_dir)
+    if _done(judge / "config.json") and _done(run_dir / "judge_train" / "summary.json"):
+        print(f"[tso] judge: done before ({judge})")
+        return str(judge), "corrected"
     if not cfg.judge.feedback:
         print(f"[tso] judge: no judge.feedback and no judge.path: the base model ({base}) is the uncorrected judge")
         return base, "uncorrected"
     from tso.train.ray_trainer import train_judge
 
-    timer.run("judge correction (stage 0)", train_judge, cfg, cfg.judge.feedback, judge_dir)
-    return str(judge_dir), "corrected"
+    timer.run("judge correction (stage 0)", train_judge, cfg, cfg.judge.feedback, judge)
+    return str(judge), "corrected"
 
 
 def settle_judge(cfg: RunConfig, path: str, kind: str) -> None:
@@ -161,7 +144,7 @@ def settle_judge(cfg: RunConfig, path: str, kind: str) -> None:
     cfg.judge.path = path
 
 
-def pairs_step(cfg: RunConfig, stage: int, out_dir: Path, timer: Timer) -> Path:
+def pairs_phase(cfg: RunConfig, stage: int, out_dir: Path, timer: Timer) -> Path:
     summary = out_dir / "summary.json"
     if _done(summary):
         print(f"[tso] stage {stage} pairs: done before ({out_dir})")
@@ -177,7 +160,7 @@ def pairs_step(cfg: RunConfig, stage: int, out_dir: Path, timer: Timer) -> Path:
     return out_dir / "pairs.parquet"
 
 
-def train_step(cfg: RunConfig, stage: int, pairs: Path, base_path: str, out_dir: Path, timer: Timer) -> str:
+def training_phase(cfg: RunConfig, stage: int, pairs: Path, base_path: str, out_dir: Path, timer: Timer) -> str:
     policy = out_dir / "policy"
     if _done(policy / "lineage.json") and _done(out_dir / "summary.json"):
         print(f"[tso] stage {stage} training: done before ({policy})")
@@ -201,10 +184,9 @@ def run_stages(
     for t in range(1, cfg.stages + 1):
         if stage_gauge:
             stage_gauge.set(t, tags={"run": cfg.name})
-        stage_dir = run_dir / f"stage-{t}"
-        pairs = pairs_step(cfg, t, stage_dir / "pairs", timer)
+        pairs = pairs_phase(cfg, t, pairs_dir(run_dir, t), timer)
         base_path = cfg.matrix.entry(cfg.matrix.base).path
-        policy = train_step(cfg, t, pairs, base_path, stage_dir / "train", timer)
+        policy = training_phase(cfg, t, pairs, base_path, train_dir(run_dir, t), timer)
         policies.append(policy)
         cfg = register_policy(cfg, t, policy, prefix)
         if t < cfg.stages or serve_last:
@@ -218,7 +200,7 @@ def baseline_config(ref: str, main: RunConfig, run_dir: Path) -> RunConfig:
     with only the method keys of the baseline's config file applied (``tso.config.method_overrides``)."""
     name, overrides = method_overrides(ref)
     data = deep_merge(main.model_dump(mode="json"), overrides)
-    data.update(name=name, run_dir=str(run_dir / "baselines" / name), baselines=[])
+    data.update(name=name, run_dir=str(baseline_run_dir(run_dir, name)), baselines=[])
     return parse_config(data, str(resolve_config_ref(ref)))
 
 
@@ -246,7 +228,7 @@ def run_pipeline(
 
     started_ray = connect_ray()
     try:
-        judge_path, judge_kind = judge_step(cfg, run_dir, timer)
+        judge_path, judge_kind = judge_phase(cfg, run_dir, timer)
         settle_judge(cfg, judge_path, judge_kind)
         meta["judge"] = {"kind": judge_kind, "path": judge_path, "feedback": cfg.judge.feedback,
                          "description": JUDGE_KINDS[judge_kind]}
@@ -267,10 +249,10 @@ def run_pipeline(
                 timer.run("restore the TSO app", deploy, final_cfg)
 
         if cfg.eval.prompts:
-            from tso.pairs.backends import ServeBackend
             from tso.run.evaluate import evaluate
+            from tso.serving.client import ServeClient
 
-            timer.run("evaluation", evaluate, cfg, models, run_dir / "eval", ServeBackend(cfg.serve.app_name))
+            timer.run("evaluation", evaluate, cfg, models, eval_dir(run_dir), ServeClient(cfg.serve.app_name))
         meta.update(status="done", timings=timer.phases, finished=time.time(), policies=policies,
                     verifier=cfg.eval.verifier)
         atomic_write_json(previous, meta)

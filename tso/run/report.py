@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tso.io import atomic_write_text
+from tso.io import atomic_file, atomic_write_text
 
 
 def _load_json(path: Path):
@@ -118,10 +118,9 @@ def plot_models(evals: list[dict], out_path: Path) -> Path | None:
     ax.set_title("held-out evaluation (error bars: standard error)")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(out_path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(out_path)
     return out_path
 
 

@@ -30,8 +30,9 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from tso.config import ConfigError, RunConfig, builtin_config_path, is_hub_id, load_config
+from tso.config import ConfigError, RunConfig, is_hub_id, load_config_ref
 from tso.models.checkpoint import checkpoint_options, judge_options
+from tso.serving.client import JUDGE, POLICY, ServeClient, deployment_name
 from tso.serving.deployments import JudgeServer, ModelServer
 from tso.serving.ingress import Ingress, token_digest
 
@@ -41,12 +42,8 @@ INGRESS_NUM_CPUS = 0.1
 INGRESS_MAX_ONGOING = 1024
 
 
-def model_deployment_name(name: str) -> str:
-    return f"model-{name}"
-
-
 def deployment_names(cfg: RunConfig) -> list[str]:
-    return [model_deployment_name(m.name) for m in cfg.matrix.models] + ["policy", "judge"]
+    return [deployment_name(m.name) for m in cfg.matrix.models] + [POLICY, JUDGE]
 
 
 def _code_fingerprint() -> str:
@@ -101,12 +98,7 @@ def _options(name: str, engine, resources, user_config: dict) -> dict:
 
 
 def _roles(cfg: RunConfig) -> dict[str, str]:
-    if hasattr(cfg, "mixtures"):
-        mix = cfg.mixtures()
-    else:  # an older RunConfig
-        from tso.method.sources import resolve_sources
-
-        mix = resolve_sources(cfg.matrix, cfg.pairs.human_weight)
+    mix = cfg.mixtures()
     roles = {}
     for m in cfg.matrix.models:
         roles[m.name] = ("base" if m.name == cfg.matrix.base else "positive" if m.name in mix.alpha
@@ -141,7 +133,7 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
 
     models = {}
     for m in cfg.matrix.models:
-        dep = model_deployment_name(m.name)
+        dep = deployment_name(m.name)
         if dep not in wanted:
             continue
         kwargs = dict(name=m.name, deployment=dep, engine=m.engine.model_dump(), sampling=sampling, size=m.size,
@@ -203,10 +195,7 @@ def deploy(cfg: RunConfig, blocking: bool = False, *, checkpoints: dict[str, str
 
 def served_checkpoints(cfg: RunConfig, include: list[str] | None = None) -> dict[str, str]:
     """What each deployment of the running app serves now (asks them)."""
-    out = {}
-    for name in include or deployment_names(cfg):
-        out[name] = serve.get_deployment_handle(name, cfg.serve.app_name).info.remote().result()["checkpoint"]
-    return out
+    return ServeClient(cfg.serve.app_name).served_checkpoints(include or deployment_names(cfg))
 
 
 def swap_checkpoint(cfg: RunConfig, checkpoint: str, deployment: str = "policy", port: int | None = None,
@@ -223,14 +212,6 @@ def swap_checkpoint(cfg: RunConfig, checkpoint: str, deployment: str = "policy",
     deploy(cfg, checkpoints=current, port=port, include=include)
 
 
-def _load(config: str) -> tuple[RunConfig, str]:
-    if config.startswith("builtin:"):
-        path = builtin_config_path(config.split(":", 1)[1])
-    else:
-        path = Path(config)
-    return load_config(path), str(path)
-
-
 def app_from_config(args: dict[str, Any]) -> Application:
     """Serve application builder for Serve config files: ``args: {config: builtin:demo | <path>,
     checkpoints: {policy: <dir>, ...}}`` (checkpoints optional)."""
@@ -238,5 +219,5 @@ def app_from_config(args: dict[str, Any]) -> Application:
     unknown = set(args) - {"config", "checkpoints"}
     if unknown:
         raise ValueError(f"unknown args {sorted(unknown)} (have: config, checkpoints)")
-    cfg, source = _load(str(args.get("config", "builtin:demo")))
+    cfg, source = load_config_ref(str(args.get("config", "builtin:demo")))
     return build_app(cfg, checkpoints=args.get("checkpoints"), source=source)

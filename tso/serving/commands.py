@@ -14,9 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve the model matrix, the policy and the judge (Ray Serve, REST API)",
         description=(
             "Deploy a run config's matrix models, policy and judge as Ray Serve deployments with a REST "
-            "API (docs at /docs). Connects to a running Ray cluster (ray start --head --num-cpus 8) or "
-            "starts a local one with 8 logical CPUs; a local cluster lives as long as this command, so "
-            "serving then blocks until Ctrl-C."
+            "API (docs at /docs). Joins the cluster named by RAY_ADDRESS (RAY_ADDRESS=auto for one started "
+            "with `ray start --head --num-cpus 8`) or starts a local one with 8 logical CPUs; a local "
+            "cluster lives as long as this command, so serving then blocks until Ctrl-C."
         ),
     )
     p.add_argument("config", help="run config YAML (e.g. tso/configs/demo.yaml)")
@@ -26,24 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
-def connect_ray(num_cpus: int = 8) -> bool:
-    """Use the connected Ray, else a running cluster (address="auto"), else start a local one.
-    Returns True when this process started the cluster (it then ends with the process)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address="auto", log_to_driver=False)
-        return False
-    except (ConnectionError, RuntimeError, ValueError):
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=False)
-        return True
-
-
 def _serve(args) -> int:
     from ray import serve
 
+    from tso.cluster import connect_ray
     from tso.config import load_config_ref
     from tso.models.preflight import check_models
     from tso.serving.app import deploy

@@ -1,7 +1,7 @@
 """Serve deployments of the model matrix, the policy and the judge (built by ``tso.serving.app``).
 
-Handle-level API (stable; the pair-formation and run code call it through
-``serve.get_deployment_handle(deployment_name, app_name)``, ``app_name`` = ``cfg.serve.app_name``):
+Handle-level API (stable; pair formation, evaluation and the run call it through
+``tso.serving.client.ServeClient``, the one module that fetches the handles):
 
 Deployments
     ``model-<name>``  one per matrix model (frozen weights)
@@ -74,7 +74,8 @@ from typing import Any
 from ray import serve
 
 from tso.config import EngineConfig, JudgeConfig, SamplingConfig
-from tso.engines.base import EngineInputError, GenerationResult, SamplingParams, make_engine
+from tso.engines.base import EngineInputError, GenerationResult, SamplingParams
+from tso.engines.factory import make_engine
 from tso.engines.requests import GenerationRequest, error_dict, parse_request, result_dict
 from tso.serving.judge import JudgeScorer
 

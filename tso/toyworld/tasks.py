@@ -19,9 +19,10 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from tso.io import atomic_write_jsonl
 
 SPLITS = ("train", "pref", "eval")
 # Share of the canonical-task space per split (by hash), in percent.
@@ -266,26 +267,8 @@ def generate_splits(n_train: int, n_pref: int, n_eval: int, seed: int = 0) -> di
 PROMPT_FIELDS = ("id", "prompt", "human", "family")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary file in the same folder, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file should read like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return atomic_write_jsonl(path, rows)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

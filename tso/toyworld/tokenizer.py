@@ -3,8 +3,6 @@ PreTrainedTokenizerFast with pad/eos tokens and a chat template, like a real che
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -38,9 +36,3 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def save_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    tok = build_tokenizer()
-    tok.save_pretrained(str(path))
-    return tok

@@ -2,7 +2,7 @@
 
 A checkpoint directory holds
 - ``engine/``: the optimizer, LR schedule and model state (a DeepSpeed checkpoint: model states from
-  rank 0, one optimizer partition per rank; or one torch file for the plain engine);
+  rank 0, one optimizer partition per rank; or one torch file for the plain backend);
 - ``policy/``: the policy at this boundary as a Hugging Face model directory (rank 0), so a separate
   process can load it with ``from_pretrained``;
 - ``rng/rank<r>.pt``: each rank's RNG states;
@@ -23,10 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from tso.io import atomic_write_text
 from tso.train import dist
-from tso.train.engine import Engine
-from tso.train.export import atomic_write_text, save_hf_model
+from tso.train.backend import TrainBackend
+from tso.train.export import save_hf_model
 from tso.train.reference import RefLogps
+
+CHECKPOINT_STATE_DIR = "engine"  # the backend's own checkpoint (DeepSpeed engine or torch state)
 
 STATE_FILE = "tso_state.json"
 REFERENCE_FILE = "reference_next.json"
@@ -56,17 +59,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_boundary(engine: Engine, path: str | Path, *, boundary: int, step: int, stage: int,
+def save_boundary(backend: TrainBackend, path: str | Path, *, boundary: int, step: int, stage: int,
                   next_reference: RefLogps | None, meta: dict[str, Any], tokenizer=None) -> Path:
     """Collective: every rank calls it with its own ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    engine.save(path / "engine")
+    backend.save(path / CHECKPOINT_STATE_DIR)
     (path / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), path / "rng" / f"rank{dist.rank()}.pt")
-    weights = engine.full_state_dict()  # a collective under ZeRO-3
+    weights = backend.full_state_dict()  # a collective under ZeRO-3
     if dist.rank() == 0:
-        save_hf_model(engine.module, path / "policy", tokenizer, state_dict=weights)
+        save_hf_model(backend.module, path / "policy", tokenizer, state_dict=weights)
         if next_reference is not None:
             ids = sorted(next_reference)
             atomic_write_text(path / REFERENCE_FILE, json.dumps({
@@ -95,8 +98,8 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return json.loads(f.read_text())
 
 
-def load_boundary(engine: Engine, path: str | Path, expect: dict[str, Any]) -> ResumeState:
-    """Restore engine and RNG state from a boundary checkpoint, after checking it belongs to this run."""
+def load_boundary(backend: TrainBackend, path: str | Path, expect: dict[str, Any]) -> ResumeState:
+    """Restore backend and RNG state from a boundary checkpoint, after checking it belongs to this run."""
     path = Path(path)
     state = read_state(path)
     expect = {**expect, "world_size": dist.world_size()}
@@ -104,7 +107,7 @@ def load_boundary(engine: Engine, path: str | Path, expect: dict[str, Any]) -> R
     if wrong:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in wrong.items())
         raise ValueError(f"{path}: checkpoint is from a different run ({details}); use a new output directory")
-    engine.load(path / "engine")
+    backend.load(path / CHECKPOINT_STATE_DIR)
     rng_file = path / "rng" / f"rank{dist.rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

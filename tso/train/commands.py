@@ -14,11 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one stage: mini-batch iterative DPO with the reference hot-swap")
     p.add_argument("config", help="run config YAML")
     p.add_argument("--pairs", required=True, help="pairs Parquet file (id, prompt, chosen, rejected)")
-    p.add_argument("--out", help="output directory (default <run_dir>/train/stage<N>)")
+    p.add_argument("--out", help="output directory (default <run_dir>/stage-<N>/train, as tso run)")
     p.add_argument("--base", help="model to start from (default: the matrix's base entry)")
     p.add_argument("--stage", type=int, default=1, help="stage number (seeds, lineage); default 1")
     p.add_argument("--local", action="store_true", help="run in this process without Ray (one worker)")
-    p.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed")
+    p.add_argument("--backend", "--engine", dest="backend", choices=["deepspeed", "torch"], default="deepspeed",
+                   help="how the step runs: a DeepSpeed engine (default) or plain PyTorch")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
     add_set_argument(p)
     p.set_defaults(func=_train)
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--out", help="judge model directory (default judge.path or <run_dir>/judge)")
     j.add_argument("--base", help="model to fine-tune (default: the matrix's base entry)")
     j.add_argument("--local", action="store_true", help="run in this process without Ray (one worker)")
-    j.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed")
+    j.add_argument("--backend", "--engine", dest="backend", choices=["deepspeed", "torch"], default="deepspeed")
     j.add_argument("--max-failures", type=int, default=2)
     add_set_argument(j)
     j.set_defaults(func=_train_judge)
@@ -58,10 +59,10 @@ def _train(args) -> int:
             preflight_policy(cfg.train, args.pairs, base, args.stage, base_options(cfg))
             job = PolicyJob(train=cfg.train.model_dump(mode="json"), pairs_path=str(Path(args.pairs).absolute()),
                             base_path=absolute_checkpoint(base), out_dir=str(out), stage=args.stage, base_name=name,
-                            config_hash=cfg.config_hash(), engine=args.engine, options=base_options(cfg))
+                            config_hash=cfg.config_hash(), backend=args.backend, options=base_options(cfg))
             result = train_policy_local(job)
         else:
-            result = train_policy(cfg, args.pairs, args.base, args.out, args.stage, engine=args.engine,
+            result = train_policy(cfg, args.pairs, args.base, args.out, args.stage, backend=args.backend,
                                   max_failures=args.max_failures)
     except (FileNotFoundError, ValueError) as e:
         return _fail(e)
@@ -91,10 +92,10 @@ def _train_judge(args) -> int:
                            feedback_path=str(Path(feedback).absolute()), base_path=absolute_checkpoint(base),
                            out_dir=str(out), work_dir=str(out.with_name(out.name + "_train")),
                            config_hash=cfg.config_hash(), base_name=name, max_examples=cfg.judge.train.max_examples,
-                           engine=args.engine, options=base_options(cfg))
+                           backend=args.backend, options=base_options(cfg))
             summary = train_judge_local(job)
         else:
-            summary = train_judge(cfg, args.feedback, args.out, args.base, engine=args.engine,
+            summary = train_judge(cfg, args.feedback, args.out, args.base, backend=args.backend,
                                   max_failures=args.max_failures)
     except (FileNotFoundError, ValueError) as e:
         return _fail(e)

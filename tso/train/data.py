@@ -276,10 +276,6 @@ def chunks(items: Sequence[int], size: int) -> list[list[int]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def steps_in_stage(sizes: Sequence[int], global_batch: int, epochs: int) -> int:
-    return sum(epochs * (n // global_batch) for n in sizes)
-
-
 def length_sorted_chunks(pairs: Sequence[TokenizedPair], indices: Sequence[int], size: int) -> list[list[int]]:
     """Batches of similar length (less padding) for the no-grad reference pass."""
     order = sorted(indices, key=lambda i: (pairs[i].num_tokens, pairs[i].id))
@@ -305,5 +301,3 @@ def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
     for p in pairs:
         h.update(f"{p.id}\t{len(p.prompt)}\t{len(p.chosen)}\t{len(p.rejected)}\n".encode())
     return h.hexdigest()[:16]
-
-

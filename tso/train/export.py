@@ -4,50 +4,29 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished directory into place, replacing an older one (never leaves a half-written dir)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+from tso.io import atomic_dir
 
 
 def save_hf_model(module: torch.nn.Module, path: str | Path, tokenizer=None,
                   state_dict: dict[str, torch.Tensor] | None = None, lineage: dict[str, Any] | None = None) -> Path:
     """save_pretrained (safetensors) + tokenizer + lineage.json, into ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     module = getattr(module, "module", module)
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if state_dict is not None:
         kwargs["state_dict"] = state_dict
-    module.save_pretrained(str(tmp), **kwargs)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if lineage is not None:
-        (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True), encoding="utf-8")
-    replace_dir(tmp, path)
+    with atomic_dir(path) as tmp:
+        module.save_pretrained(str(tmp), **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if lineage is not None:
+            (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True), encoding="utf-8")
     return path
 
 

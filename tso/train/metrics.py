@@ -18,13 +18,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-STEP_FIELDS = (
-    "stage", "step", "minibatch", "epoch", "step_in_epoch", "loss", "reward_chosen", "reward_rejected", "margin",
-    "accuracy", "grad_scale", "clip_frac_chosen", "clip_frac_rejected", "logp_chosen", "logp_rejected",
-    "grad_norm", "lr", "pairs", "tokens", "step_time_s", "pairs_per_s", "tokens_per_s", "time_s",
-    "resumed_from",
-)
-
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):

@@ -17,8 +17,6 @@ wrapper forwards the boundary reports to ``ray.train.report``. ``resume`` (from
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import shutil
 import tempfile
 import time
@@ -30,10 +28,11 @@ from typing import Any
 import torch
 
 from tso.config import TrainConfig
+from tso.io import json_digest
 from tso.train import dist
+from tso.train.backend import TrainBackend
 from tso.train.checkpoint import ResumeState, save_boundary
 from tso.train.data import TokenizedPair, chunks, collate_pair_batch, epoch_steps, pairs_digest, shard, split_minibatches
-from tso.train.engine import Engine
 from tso.train.metrics import MetricsLog, format_step
 from tso.train.reference import RefLogps, lookup, timed_reference
 from tso.train.step import MicroBatch, train_step
@@ -70,8 +69,7 @@ def plan_stage(num_pairs: int, train: TrainConfig, stage: int = 0) -> StagePlan:
 
 
 def train_config_hash(train: TrainConfig) -> str:
-    blob = json.dumps(train.model_dump(mode="json"), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_digest(train.model_dump(mode="json"))
 
 
 def checkpoint_meta(pairs: Sequence[TokenizedPair], train: TrainConfig, stage: int) -> dict[str, Any]:
@@ -145,7 +143,7 @@ def make_frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_minibatch_dpo(
-    engine: Engine,
+    backend: TrainBackend,
     pairs: Sequence[TokenizedPair],
     train: TrainConfig,
     *,
@@ -174,7 +172,7 @@ def run_minibatch_dpo(
     metrics = metrics or MetricsLog(None)
     say = log if (log is not None and rank == 0) else (lambda _s: None)
     ref_batch = 2 * train.micro_batch
-    autocast_dtype = getattr(engine, "autocast_dtype", None)
+    autocast_dtype = getattr(backend, "autocast_dtype", None)
     res = LoopResult(total_steps=plan.total_steps)
 
     start_k, step, reference = 0, 0, None
@@ -188,7 +186,7 @@ def run_minibatch_dpo(
         say(f"[stage {stage}] resuming after mini-batch {start_k}/{K} (step {step}/{plan.total_steps})")
     res.steps = step
     if ref_module is not None:  # frozen copy: it equals the policy at the start and at every boundary
-        ref_module.load_state_dict(engine.module.state_dict())
+        ref_module.load_state_dict(backend.module.state_dict())
 
     def emit(record: dict[str, Any], ckpt: str | None = None) -> None:
         record = {"stage": stage, "resumed_from": res.resumed_from, "time_s": time.perf_counter() - t_start, **record}
@@ -197,7 +195,7 @@ def run_minibatch_dpo(
             report(record, ckpt)
 
     def reference_pass(k: int) -> RefLogps:
-        ref, secs = timed_reference(engine.module, pairs, plan.minibatches[k], pad_id, ref_batch, autocast_dtype)
+        ref, secs = timed_reference(backend.module, pairs, plan.minibatches[k], pad_id, ref_batch, autocast_dtype)
         res.reference_time_s += secs
         say(f"[stage {stage}] reference log-probs of mini-batch {k + 1}/{K}: {len(ref)} pairs in {secs:.2f}s")
         metrics.write({"kind": "reference", "stage": stage, "minibatch": k + 1, "step": step, "pairs": len(ref),
@@ -219,7 +217,7 @@ def run_minibatch_dpo(
                     batch = collate_pair_batch(pairs, part, pad_id, pad_to_multiple_of)
                     rc, rr = lookup(reference, pairs, part) if reference is not None else (None, None)
                     micro.append(MicroBatch(batch, rc, rr))
-                out = train_step(engine, micro, train.loss, ref_module)
+                out = train_step(backend, micro, train.loss, ref_module)
                 step += 1
                 res.steps = step
                 res.pairs_trained += out["pairs"]
@@ -238,7 +236,7 @@ def run_minibatch_dpo(
             if train.reference == "policy":
                 next_ref = reference_pass(k + 1)
             else:
-                ref_module.load_state_dict(engine.module.state_dict())
+                ref_module.load_state_dict(backend.module.state_dict())
         boundary = {"kind": "boundary", "boundary": k + 1, "minibatches": K, "step": step,
                     "total_steps": plan.total_steps, "next_minibatch": k + 2 if k + 1 < K else None,
                     **minibatch_summary(mb_steps)}
@@ -246,7 +244,7 @@ def run_minibatch_dpo(
         if checkpoints:
             t0 = time.perf_counter()
             ckpt_dir = tempfile.mkdtemp(prefix=f"tso-boundary{k + 1}-rank{rank}-", dir=scratch_dir)
-            save_boundary(engine, ckpt_dir, boundary=k + 1, step=step, stage=stage, next_reference=next_ref,
+            save_boundary(backend, ckpt_dir, boundary=k + 1, step=step, stage=stage, next_reference=next_ref,
                           meta=meta, tokenizer=tokenizer)
             res.checkpoint_time_s += time.perf_counter() - t0
         res.boundaries.append(boundary)

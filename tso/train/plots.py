@@ -4,9 +4,9 @@ marked. Reads the metrics JSONL; writes a PNG (temporary name, then renamed)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from tso.io import atomic_file
 from tso.train.metrics import boundary_steps, read_steps
 
 
@@ -55,10 +55,9 @@ def plot_training(metrics_path: str | Path, out_path: str | Path | None = None, 
         a.set_xlabel("optimizer step (dashed: mini-batch boundary, reference swapped)")
     fig.suptitle(title or str(metrics_path.parent.name))
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out_path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path
 
 
@@ -83,8 +82,7 @@ def plot_loss(metrics_path: str | Path, out_path: str | Path, title: str = "loss
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out_path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path

@@ -4,7 +4,7 @@
   is set up by Ray Train and DeepSpeed joins that process group.
 - At every mini-batch boundary each worker saves its part of the checkpoint and calls
   ``ray.train.report(metrics, checkpoint=Checkpoint.from_directory(...))``; Ray merges the workers'
-  directories into ``<out>/ray/<run name>/stage<N>_boundary_<k>``.
+  directories into ``<out>/ray/<run name>-stage<N>/stage<N>_boundary_<k>``.
 - ``FailureConfig(max_failures)``: when a worker dies, Ray Train restarts the worker group; each worker
   loads ``ray.train.get_checkpoint()`` and resumes at the next mini-batch. Re-running the same command
   on the same output directory resumes the same way (Ray restores the run from its storage path).
@@ -25,7 +25,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tso.cluster import connect_ray
 from tso.config import RunConfig
+from tso.io import judge_dir, legacy_train_dir, train_dir
 from tso.models.checkpoint import absolute_checkpoint
 from tso.train.judge_sft import JudgeJob, judge_train_config, run_judge_worker
 from tso.train.stage import PolicyJob, TrainResult, result_from_dir, run_policy_worker
@@ -75,38 +77,28 @@ def _threads(job_threads: int | None) -> int:
     return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
-def _policy_loop(config: dict[str, Any]) -> None:
+# kind -> (job class, the worker function, the prefix of its boundary checkpoints' names)
+_WORKERS = {"policy": (PolicyJob, run_policy_worker), "judge": (JudgeJob, run_judge_worker)}
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """A Ray Train worker: the job's worker function, resumed from Ray's checkpoint when there is one."""
     import ray.train
 
-    job = PolicyJob(**config["job"])
+    job_type, worker = _WORKERS[config["kind"]]
+    job = job_type(**config["job"])
     job.threads = _threads(job.threads)
-    rank = ray.train.get_context().get_world_rank()
-    report = _RayReport(f"stage{job.stage}", rank, job.fault)
+    report = _RayReport(config["checkpoint_prefix"], ray.train.get_context().get_world_rank(), job.fault)
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        run_policy_worker(job, report=report)
+        worker(job, report=report)
         return
     with ckpt.as_directory() as d:
-        run_policy_worker(job, report=report, resume_dir=d)
+        worker(job, report=report, resume_dir=d)
 
 
-def _judge_loop(config: dict[str, Any]) -> None:
-    import ray.train
-
-    job = JudgeJob(**config["job"])
-    job.threads = _threads(job.threads)
-    rank = ray.train.get_context().get_world_rank()
-    report = _RayReport("judge_epoch", rank, job.fault)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        run_judge_worker(job, report=report)
-        return
-    with ckpt.as_directory() as d:
-        run_judge_worker(job, report=report, resume_dir=d)
-
-
-def _fit(loop, job, train, storage: Path, name: str, max_failures: int, env: dict[str, str] | None):
-    import ray
+def _fit(kind: str, job, train, storage: Path, name: str, checkpoint_prefix: str, max_failures: int,
+         env: dict[str, str] | None):
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -114,11 +106,10 @@ def _fit(loop, job, train, storage: Path, name: str, max_failures: int, env: dic
     # Worker start (torch, transformers, DeepSpeed imports) can outlast Ray Train's 60 s default on a busy
     # small machine; the driver's value propagates to the controller. An explicit setting wins.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     trainer = TorchTrainer(
-        loop,
-        train_loop_config={"job": asdict(job)},
+        _train_loop,
+        train_loop_config={"kind": kind, "job": asdict(job), "checkpoint_prefix": checkpoint_prefix},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
         run_config=RayRunConfig(
             name=name,
@@ -134,6 +125,11 @@ def _fit(loop, job, train, storage: Path, name: str, max_failures: int, env: dic
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return result
+
+
+def run_name(cfg: RunConfig, what: str) -> str:
+    """The Ray Train run's name: the run's name too, so two runs on one cluster tell apart in the dashboard."""
+    return f"{cfg.name}-{what}"
 
 
 def preflight_policy(train, pairs_path: str, base_path: str, stage: int, options: dict | None = None) -> str:
@@ -156,7 +152,8 @@ def preflight_judge(train, feedback_path: str, base_path: str, max_examples: int
                     options: dict | None = None) -> str:
     """The judge's inputs, checked in the driver: model directory, feedback file, at least one step."""
     from tso.models.checkpoint import load_tokenizer, require_checkpoint
-    from tso.train.judge_sft import read_feedback, sft_total_steps
+    from tso.train.feedback import read_feedback
+    from tso.train.sft import sft_total_steps
 
     require_checkpoint(base_path)
     tokenizer = load_tokenizer(base_path, options)
@@ -169,7 +166,14 @@ def preflight_judge(train, feedback_path: str, base_path: str, max_examples: int
 
 
 def default_policy_out(cfg: RunConfig, stage: int) -> Path:
-    return Path(cfg.run_dir) / "train" / f"stage{stage}"
+    """``<run_dir>/stage-<t>/train``, where ``tso run`` trains too. A directory in the layout `tso train`
+    wrote before (``<run_dir>/train/stage<t>``) is refused with what to do, never silently ignored."""
+    legacy = legacy_train_dir(cfg.run_dir, stage)
+    out = train_dir(cfg.run_dir, stage)
+    if legacy.is_dir() and not out.exists():
+        raise ValueError(f"{legacy} is a training directory of an older tso layout; tso now trains stage {stage} in "
+                         f"{out}: move it there (mv {legacy} {out}) to resume it, or pass --out {legacy}")
+    return out
 
 
 def base_model_path(cfg: RunConfig) -> tuple[str, str]:
@@ -185,12 +189,12 @@ def base_options(cfg: RunConfig) -> dict[str, Any]:
 
 def train_policy(cfg: RunConfig, pairs_path: str | os.PathLike, base_path: str | os.PathLike | None = None,
                  out_dir: str | os.PathLike | None = None, stage: int = 1, *,
-                 max_failures: int = DEFAULT_MAX_FAILURES, engine: str = "deepspeed",
+                 max_failures: int = DEFAULT_MAX_FAILURES, backend: str = "deepspeed",
                  threads_per_worker: int | None = None, fault: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None) -> TrainResult:
     """Train one TSO stage on Ray Train: mini-batch iterative DPO with the reference hot-swap.
 
-    ``base_path`` defaults to the matrix's base entry; ``out_dir`` to ``<run_dir>/train/stage<N>``.
+    ``base_path`` defaults to the matrix's base entry; ``out_dir`` to ``<run_dir>/stage-<N>/train``.
     Returns the paths of the new policy version (HF directory with lineage.json), metrics and plot.
     ``fault`` is for tests: ``{"step": n, "rank": r, "marker": path}`` kills that worker once.
     """
@@ -200,21 +204,22 @@ def train_policy(cfg: RunConfig, pairs_path: str | os.PathLike, base_path: str |
     out = Path(out_dir or default_policy_out(cfg, stage)).absolute()
     job = PolicyJob(train=cfg.train.model_dump(mode="json"), pairs_path=str(Path(pairs_path).absolute()),
                     base_path=absolute_checkpoint(base_path), out_dir=str(out), stage=stage, base_name=base_name,
-                    config_hash=cfg.config_hash(), engine=engine, threads=threads_per_worker, fault=fault,
+                    config_hash=cfg.config_hash(), backend=backend, threads=threads_per_worker, fault=fault,
                     options=base_options(cfg))
     preflight_policy(cfg.train, job.pairs_path, job.base_path, stage, job.options)
-    result = _fit(_policy_loop, job, cfg.train, out / "ray", f"stage{stage}", max_failures, env)
+    result = _fit("policy", job, cfg.train, out / "ray", run_name(cfg, f"stage{stage}"), f"stage{stage}",
+                  max_failures, env)
     checkpoints = [c.path for c, _ in (result.best_checkpoints or [])]
     return result_from_dir(out, checkpoints)
 
 
 def default_judge_out(cfg: RunConfig) -> Path:
-    return Path(cfg.judge.path) if cfg.judge.path else Path(cfg.run_dir) / "judge"
+    return Path(cfg.judge.path) if cfg.judge.path else judge_dir(cfg.run_dir)
 
 
 def train_judge(cfg: RunConfig, feedback_path: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
                 base_path: str | os.PathLike | None = None, *, max_failures: int = DEFAULT_MAX_FAILURES,
-                engine: str = "deepspeed", threads_per_worker: int | None = None, fault: dict[str, Any] | None = None,
+                backend: str = "deepspeed", threads_per_worker: int | None = None, fault: dict[str, Any] | None = None,
                 env: dict[str, str] | None = None) -> dict[str, Any]:
     """Fine-tune the base model into the judge on feedback examples (answer tokens only), on Ray Train.
 
@@ -235,7 +240,7 @@ def train_judge(cfg: RunConfig, feedback_path: str | os.PathLike | None = None, 
     job = JudgeJob(train=train.model_dump(mode="json"), feedback_path=str(Path(feedback).absolute()),
                    base_path=absolute_checkpoint(base_path), out_dir=str(out), work_dir=str(work),
                    config_hash=cfg.config_hash(), base_name=base_name, max_examples=cfg.judge.train.max_examples,
-                   engine=engine, threads=threads_per_worker, fault=fault, options=base_options(cfg))
+                   backend=backend, threads=threads_per_worker, fault=fault, options=base_options(cfg))
     preflight_judge(train, job.feedback_path, job.base_path, job.max_examples, job.options)
-    _fit(_judge_loop, job, train, work / "ray", "judge", max_failures, env)
+    _fit("judge", job, train, work / "ray", run_name(cfg, "judge"), "judge_epoch", max_failures, env)
     return json.loads((work / "summary.json").read_text())

@@ -1,6 +1,6 @@
 """One stage of policy training as one worker runs it, with or without Ray.
 
-``run_policy_worker`` loads the base model and the pairs, builds the engine, resumes from a boundary
+``run_policy_worker`` loads the base model and the pairs, builds the backend, resumes from a boundary
 checkpoint when given one, runs the mini-batch loop and, on rank 0, writes the new policy version
 (an HF model directory with ``lineage.json``), the plot and a summary. The Ray Train wrapper
 (``ray_trainer.py``) and the in-process runner (``train_policy_local``) both call it; only the
@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 from tso.config import TrainConfig
+from tso.io import atomic_write_text, replace_dir
 from tso.models.chat import stop_token_ids
 from tso.train import dist
+from tso.train.backend import make_backend
 from tso.train.checkpoint import load_boundary
 from tso.train.data import read_pairs, tokenize_pairs
-from tso.train.engine import make_engine
-from tso.train.export import atomic_write_text, lineage_record, replace_dir, save_hf_model
+from tso.train.export import lineage_record, save_hf_model
 from tso.train.metrics import MetricsLog
 from tso.train.minibatch import checkpoint_meta, make_frozen_copy, plan_stage, run_minibatch_dpo
 
@@ -53,7 +54,7 @@ class PolicyJob:
     stage: int = 1
     base_name: str | None = None
     config_hash: str | None = None
-    engine: str = "deepspeed"
+    backend: str = "deepspeed"
     threads: int | None = None
     fault: dict[str, Any] | None = None  # tests only: kill a worker at a step (ray_trainer)
     options: dict[str, Any] = field(default_factory=dict)  # the base's loading options (tso.models.checkpoint)
@@ -101,14 +102,20 @@ def load_model_and_tokenizer(path: str, train: TrainConfig, options: dict[str, A
     return model, tokenizer
 
 
-def run_policy_worker(job: PolicyJob, report=None, resume_dir: str | Path | None = None,
-                      log: Callable[[str], None] | None = print, checkpoints: bool = True) -> dict[str, Any] | None:
+def start_worker(job) -> tuple[TrainConfig, int, Any, Any]:
+    """What a training worker (policy or judge) does first: its threads, its config, its rank, and
+    the base model with the tokenizer its answers were made with."""
     if job.threads:
         torch.set_num_threads(job.threads)
     train = job.train_config
-    out = Path(job.out_dir)
-    rank = dist.rank()
     model, tokenizer = load_model_and_tokenizer(job.base_path, train, job.options)
+    return train, dist.rank(), model, tokenizer
+
+
+def run_policy_worker(job: PolicyJob, report=None, resume_dir: str | Path | None = None,
+                      log: Callable[[str], None] | None = print, checkpoints: bool = True) -> dict[str, Any] | None:
+    train, rank, model, tokenizer = start_worker(job)
+    out = Path(job.out_dir)
     stops = stop_token_ids(tokenizer, model.generation_config, job.options.get("stop_tokens"))
     pairs, rep = tokenize_pairs(read_pairs(job.pairs_path), tokenizer, train.max_length, stops)
     if rank == 0:
@@ -119,19 +126,19 @@ def run_policy_worker(job: PolicyJob, report=None, resume_dir: str | Path | None
     if not pairs:
         raise ValueError(f"{job.pairs_path}: no trainable pairs ({rep.summary()})")
     plan = plan_stage(len(pairs), train, job.stage)
-    if train.reference == "frozen_copy" and train.zero_stage == 3 and job.engine == "deepspeed":
+    if train.reference == "frozen_copy" and train.zero_stage == 3 and job.backend == "deepspeed":
         raise ValueError("train.reference = frozen_copy is not supported with ZeRO stage 3 (the copy would need "
                          "the gathered weights at every boundary); use reference: policy or zero_stage <= 2")
     ref_module = make_frozen_copy(model) if train.reference == "frozen_copy" else None
-    engine = make_engine(job.engine, model, train, plan.total_steps)
+    backend = make_backend(job.backend, model, train, plan.total_steps)
     resume = None
     if resume_dir is not None:
-        resume = load_boundary(engine, resume_dir, checkpoint_meta(pairs, train, job.stage))
+        resume = load_boundary(backend, resume_dir, checkpoint_meta(pairs, train, job.stage))
     metrics = MetricsLog(out / METRICS_FILE, enabled=rank == 0)
-    res = run_minibatch_dpo(engine, pairs, train, pad_id=tokenizer.pad_token_id, stage=job.stage, plan=plan,
+    res = run_minibatch_dpo(backend, pairs, train, pad_id=tokenizer.pad_token_id, stage=job.stage, plan=plan,
                             report=report, resume=resume, ref_module=ref_module, metrics=metrics,
                             tokenizer=tokenizer, checkpoints=checkpoints, log=log)
-    weights = engine.full_state_dict()
+    weights = backend.full_state_dict()
     if rank != 0:
         dist.barrier()
         return None
@@ -139,9 +146,9 @@ def run_policy_worker(job: PolicyJob, report=None, resume_dir: str | Path | None
         base=job.base_path, stage=job.stage, kind="policy", data=job.pairs_path, config_hash=job.config_hash,
         base_name=job.base_name, loss=train.loss.type, minibatches=train.minibatches, epochs=train.epochs,
         reference=train.reference, steps=res.steps, pairs=len(pairs), seed=train.seed,
-        world_size=dist.world_size(), engine=job.engine,
+        world_size=dist.world_size(), backend=job.backend,
     )
-    policy_dir = save_hf_model(engine.module, out / POLICY_DIR, tokenizer, state_dict=weights, lineage=lineage)
+    policy_dir = save_hf_model(backend.module, out / POLICY_DIR, tokenizer, state_dict=weights, lineage=lineage)
     plot_path = None
     try:
         from tso.train.plots import plot_training

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tso.io import atomic_dir
 from tso.toyworld import tasks as toy_tasks
 from tso.toyworld.style import styled_answer
 from tso.toyworld.tokenizer import build_tokenizer
@@ -60,20 +60,11 @@ def eval_settings(spec: MatrixSpec, seed: int, eval_prompts: int) -> dict:
 
 
 def _atomic_save(model, tokenizer, target: Path) -> None:
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model_dir(model, tokenizer, tmp)
-    old = None
-    if target.exists():
-        old = target.parent / f".old-{target.name}-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(target) as tmp:
+        save_model_dir(model, tokenizer, tmp)
 
 
-def evaluate_model(model, tokenizer, eval_tasks: list[dict], max_new_tokens: int, batch_size: int = 128) -> dict:
+def held_out_quality(model, tokenizer, eval_tasks: list[dict], max_new_tokens: int, batch_size: int = 128) -> dict:
     """Held-out quality: mean verifier score (greedy decoding), exact-match rate, per family/dimension."""
     answers = generate_answers(model, tokenizer, [t["prompt"] for t in eval_tasks], max_new_tokens=max_new_tokens,
                                batch_size=batch_size)
@@ -94,7 +85,7 @@ def evaluate_model(model, tokenizer, eval_tasks: list[dict], max_new_tokens: int
     }
 
 
-def _load(path: Path):
+def _load_model(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -149,7 +140,7 @@ def _run_chain(spec: MatrixSpec, zoo: Path, seed: int, n_eval: int, items: list,
                 pool = [{**t, "human": styled_answer(t, m.chatter, seed)} for t in pool]
                 examples[key] = encode_examples(tokenizer, pool)
             if m.init_from:
-                model = _load(zoo / m.init_from)
+                model = _load_model(zoo / m.init_from)
             else:
                 model = random_tiny_llama(tokenizer, seed=model_seed(seed, m.name), **m.shape())
             pending = [0]
@@ -169,12 +160,12 @@ def _run_chain(spec: MatrixSpec, zoo: Path, seed: int, n_eval: int, items: list,
             _atomic_save(model, tokenizer, zoo / name)
             train_seconds = time.perf_counter() - t0
         else:
-            model = _load(zoo / name)
+            model = _load_model(zoo / name)
             old = entries.get(name) or {}
             stats = (old.get("training") or {}).get("loss", {})
             train_seconds = old.get("train_seconds") or 0.0
         t1 = time.perf_counter()
-        result = evaluate_model(model, tokenizer, eval_tasks, spec.max_new_tokens, spec.eval_batch)
+        result = held_out_quality(model, tokenizer, eval_tasks, spec.max_new_tokens, spec.eval_batch)
         entry = _entry(spec, m, zoo, model, result, stats, entries.get(m.init_from) if m.init_from else None,
                        train_seconds, time.perf_counter() - t1, tr_hash, ev_hash)
         entry["trained"] = what == "train"
@@ -365,11 +356,6 @@ def demo_matrix_entries(home: str | Path | None = None) -> list[dict]:
 
 def fixture_matrix_entries(home: str | Path) -> list[dict]:
     return matrix_entries(home, FIXTURE_MATRIX)
-
-
-def demo_matrix_section(home: str | Path | None = None) -> dict:
-    """The ``matrix:`` section of a run config for the demo matrix under ``home``."""
-    return matrix_section(home, DEMO_MATRIX)
 
 
 def fixture_matrix_section(home: str | Path) -> dict:

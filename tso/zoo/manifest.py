@@ -8,18 +8,17 @@ every model, so an interrupted build keeps what it finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from tso.toyworld.tasks import atomic_write_text
+from tso.io import atomic_write_text, json_digest
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
 
 
 def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(settings)
 
 
 def manifest_path(zoo_dir: str | Path) -> Path:

@@ -123,9 +123,6 @@ FIXTURE_BUDGETS = {
 FIXTURE_MATRIX = _matrix("fixture", FIXTURE_SIZES, FIXTURE_BUDGETS, DEMO_BASE, eval_prompts=28,
                          max_new_tokens=12, enforce_ladder=False)
 
-MATRICES = {"demo": DEMO_MATRIX, "fixture": FIXTURE_MATRIX}
-
-
 def count_params(spec: ModelSpec) -> int:
     """Parameters of a spec's model, without building its weights (meta device)."""
     import torch

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
+from tests.toydata import arithmetic_pairs, toy_feedback, write_jsonl, write_pairs
 from tso.config import parse_config
 from tso.train.metrics import read_kind, read_records, read_steps
-from tso.train.toy import arithmetic_pairs, toy_feedback, write_jsonl, write_pairs
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_ray_deepspeed_run_writes_policy_lineage_metrics_and_boundary_checkpoint
     assert lineage["base"] == str(tiny_model_dir) and lineage["base_name"] == "tiny-v0-s1"
     assert lineage["stage"] == 1 and lineage["data"] == str(pairs_file)
     assert lineage["config_hash"] == cfg.config_hash() and lineage["world_size"] == 2
-    assert lineage["engine"] == "deepspeed" and (policy / "tokenizer.json").is_file()
+    assert lineage["backend"] == "deepspeed" and (policy / "tokenizer.json").is_file()
     assert _max_diff(_weights(policy), _weights(tiny_model_dir)) > 1e-3
 
     # one checkpoint per boundary, merged from both workers (an optimizer partition and RNG state each)
@@ -86,7 +86,7 @@ def test_ray_deepspeed_run_writes_policy_lineage_metrics_and_boundary_checkpoint
     assert state["boundary"] == 1 and state["step"] == 6 and state["world_size"] == 2
 
     # metrics went through Ray Train (stored with the checkpoints) and into the JSONL
-    ray_result = Result.from_path(str(Path(res.out_dir) / "ray" / "stage1"))
+    ray_result = Result.from_path(str(Path(res.out_dir) / "ray" / f"{cfg.name}-stage1"))  # named after the run
     reported = [m for _, m in ray_result.best_checkpoints]
     assert [m["boundary"] for m in reported] == [1, 2, 3] and all("mb_mean_loss" in m for m in reported)
     steps = read_steps(res.metrics_path)
@@ -102,7 +102,7 @@ def test_ray_deepspeed_run_writes_policy_lineage_metrics_and_boundary_checkpoint
 def test_stored_reference_equals_fresh_process_recompute_at_each_boundary(uninterrupted, pairs_file, tiny_model_dir):
     ckpts = uninterrupted.checkpoints[:2]  # boundaries 1 and 2 hold the references of mini-batches 2 and 3
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tso.train.verify", *ckpts, "--pairs", str(pairs_file),
+    proc = subprocess.run([sys.executable, "-m", "tests.tools.verify_reference", *ckpts, "--pairs", str(pairs_file),
                            "--base", str(tiny_model_dir)], capture_output=True, text=True, timeout=240, env=env,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -141,7 +141,7 @@ def test_killed_worker_resumes_from_last_boundary_with_same_weights(uninterrupte
 
 
 def test_judge_fine_tuning_on_ray_lowers_loss_and_scores_better_than_base(ray_cluster, cfg, tmp_path, tiny_model_dir):
-    from tso.train.judge_sft import evaluate_judge
+    from tso.run.judge_quality import evaluate_judge
     from tso.train.ray_trainer import train_judge
 
     feedback = write_jsonl(toy_feedback(96, seed=0), tmp_path / "feedback.jsonl")

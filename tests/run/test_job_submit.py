@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.helpers import REPO
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.last]
 
-REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 GCS_PORT, DASH_PORT, SERVE_PORT = 6391, 8291, 18501
 ADDRESS = f"http://127.0.0.1:{DASH_PORT}"

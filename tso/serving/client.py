@@ -1,9 +1,16 @@
-"""Where pair formation sends its generation and judging requests.
+"""The one client of the tso deployments: the only code that fetches Serve handles and calls them.
 
-`ServeBackend` calls the long-lived Ray Serve deployments through handles (the production path);
-`LocalBackend` runs the same engines in this process without Ray (the benchmark's baseline, and a
-way to debug pair formation on one machine). Both take all of a batch's requests at once, so the
-Serve replicas can batch them (`@serve.batch`) and the local engines get one call per model.
+Pair formation, evaluation and the run talk to the models through a ``ModelClient``:
+
+- ``ServeClient`` calls the long-lived Ray Serve deployments of a running app (the production path);
+- ``InProcessClient`` runs the same engines and judge logic in this process without Ray (the
+  pair-formation benchmark's baseline, and a way to debug on one machine).
+
+Both take all of a batch's requests at once, so the replicas batch them (``@serve.batch``) and the
+local engines get one call per model. A request at fault answers ``{"error": {"code", "message",
+...}}`` in its place and the others of the call are answered; a judge prompt too long for the
+judge is unscored (reason ``too_long``). Deployment names: ``model-<name>`` per matrix model,
+``policy`` and ``judge``.
 """
 
 from __future__ import annotations
@@ -11,12 +18,15 @@ from __future__ import annotations
 from typing import Protocol
 
 POLICY = "policy"
+JUDGE = "judge"
 
 
-class Backend(Protocol):
-    """A request at fault answers ``{"error": {"code", "message", ...}}`` in its place; the others of
-    the call are answered. A judge prompt too long for the judge is unscored (reason ``too_long``)."""
+def deployment_name(model: str) -> str:
+    """The Serve deployment of a matrix model name, "policy" or "judge"."""
+    return model if model in (POLICY, JUDGE) else f"model-{model}"
 
+
+class ModelClient(Protocol):
     def generate(self, requests: list[tuple[str, dict]]) -> list[dict]:
         """[(model name or "policy", request)] -> [{"texts", "finish_reasons", "stop_tokens", ...} | error]"""
 
@@ -24,11 +34,11 @@ class Backend(Protocol):
         """[{"prompt", "response"}] -> [{"score": float | None, "reason": str | None, ...} | error]"""
 
 
-def deployment_name(model: str) -> str:
-    return POLICY if model == POLICY else f"model-{model}"
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-class ServeBackend:
+class ServeClient:
     """Deployment handles of a running tso Serve application."""
 
     def __init__(self, app_name: str, chunk: int = 64):
@@ -36,7 +46,7 @@ class ServeBackend:
         self.chunk = chunk  # requests per handle call (Serve's per-call overhead is paid per chunk)
         self._handles: dict[str, object] = {}
 
-    def _handle(self, deployment: str):
+    def handle(self, deployment: str):
         if deployment not in self._handles:
             from ray import serve
 
@@ -49,7 +59,7 @@ class ServeBackend:
             by_deployment.setdefault(deployment_name(model), []).append(i)
         calls = []  # (indices, response): every chunk of every deployment in flight at once
         for deployment, indices in by_deployment.items():
-            handle = self._handle(deployment)
+            handle = self.handle(deployment)
             for chunk in _chunks(indices, self.chunk):
                 calls.append((chunk, handle.generate_many.remote([requests[i][1] for i in chunk],
                                                                  return_exceptions=True)))
@@ -60,21 +70,21 @@ class ServeBackend:
         return out
 
     def score(self, requests: list[dict]) -> list[dict]:
-        judge = self._handle("judge")
+        judge = self.handle(JUDGE)
         calls = [judge.score_many.remote(chunk, return_exceptions=True, too_long="unscored")
                  for chunk in _chunks(list(requests), self.chunk)]
         return [result for call in calls for result in call.result()]
 
+    def served_checkpoints(self, deployments: list[str]) -> dict[str, str]:
+        """What each deployment serves now (asks them)."""
+        return {name: self.handle(name).info.remote().result()["checkpoint"] for name in deployments}
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
-
-class LocalBackend:
+class InProcessClient:
     """The same engines and judge logic in one process, no Ray: the pipeline's overhead baseline."""
 
     def __init__(self, cfg, policy_path: str | None = None, judge_path: str | None = None):
-        from tso.engines.base import make_engine
+        from tso.engines.factory import make_engine
         from tso.models.checkpoint import checkpoint_options, judge_options
         from tso.serving.judge import JudgeScorer
 

@@ -15,7 +15,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_engines import JUDGE_RUBRICS, train_tiny_judge
+from tests.helpers import JUDGE_RUBRICS, train_tiny_judge
 from tso.config import parse_config
 from tso.method.sources import HUMAN, row_seed
 from tso.pairs.pipeline import PairJob, _plan_row, form_pairs_step
@@ -205,10 +205,10 @@ def test_truncated_answers_are_dropped_redrawn_and_counted(model_dirs, prompts_f
     """Random tiny models never stop within 6 tokens: with `truncated: drop` no cut answer reaches a pair.
     A cut matrix negative is redrawn (keyed) max_redraws times, then the prompt gives no pair and says
     why; with `keep` the same answers make pairs, marked as cut."""
-    from tso.pairs.backends import LocalBackend
+    from tso.serving.client import InProcessClient
 
     cfg = make_cfg(model_dirs, prompts_file, tmp_path, truncated="drop", max_redraws=2)
-    res = form_pairs_step(cfg, 1, tmp_path / "out", backend=LocalBackend(cfg), batch_size=8, progress=False)
+    res = form_pairs_step(cfg, 1, tmp_path / "out", client=InProcessClient(cfg), batch_size=8, progress=False)
     s, n = res["summary"], res["summary"]["prompts"]
     assert n == N_PROMPTS - 2 and s["pairs"] == 0 and sum(s["no_pair"].values()) == n
     assert s["truncated"]["a1"] + s["truncated"]["a2"] == 3 * n  # the first draw and two redraws, all cut
@@ -217,7 +217,7 @@ def test_truncated_answers_are_dropped_redrawn_and_counted(model_dirs, prompts_f
     assert s["truncated_action"] == "drop"
 
     kept = make_cfg(model_dirs, prompts_file, tmp_path, truncated="keep")
-    res = form_pairs_step(kept, 1, tmp_path / "kept", backend=LocalBackend(kept), batch_size=8, progress=False)
+    res = form_pairs_step(kept, 1, tmp_path / "kept", client=InProcessClient(kept), batch_size=8, progress=False)
     rows = pq.read_table(tmp_path / "kept" / "pairs.parquet").to_pylist()
     assert res["summary"]["pairs"] == len(rows) == N_PROMPTS - 2 and not res["summary"]["redrawn_sources"]
     assert all(r["rejected_finish_reason"] == "length" and r["rejected_stop_token"] is None for r in rows)
@@ -230,14 +230,14 @@ def test_a_request_that_fails_inside_a_model_fails_its_row_only(model_dirs, prom
     skipped the checks, with a prompt longer than every model's context. Such a request costs its
     source for that row (the side is redrawn from the others); a row left without a pair is a reject
     naming the source, and the other rows of the batch are answered."""
-    from tso.pairs.backends import LocalBackend
     from tso.pairs.pipeline import form_batch
+    from tso.serving.client import InProcessClient
 
     cfg = make_cfg(model_dirs, prompts_file, tmp_path, truncated="keep", human_weight=0.0, self_pair_fraction=0.0)
     job = PairJob.from_config(cfg, stage=1)
     rows = [{"id": "ok", "prompt": "add 1 and 2", "human": None, "line": 1},
             {"id": "huge", "prompt": "x" * 1500, "human": None, "line": 2}]
-    ok, huge = form_batch(job, rows, LocalBackend(cfg))
+    ok, huge = form_batch(job, rows, InProcessClient(cfg))
     assert ok["reject"] is None and len(ok["pairs"]) == 1 and ok["failed"] == []
     assert huge["pairs"] == [] and huge["reject"]["reason"] == "generation_failed" and huge["reject"]["line"] == 2
     assert huge["reject"]["source"] in ("c", "a1", "a2") and "1024" in huge["reject"]["detail"]

@@ -14,7 +14,7 @@ import threading
 import httpx
 import pytest
 
-from tests.test_engines import JUDGE_ANSWERS, JUDGE_RUBRICS, train_tiny_judge
+from tests.helpers import JUDGE_ANSWERS, JUDGE_RUBRICS, REPO, train_tiny_judge
 from tso.config import EngineConfig, dump_config, parse_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -362,7 +362,8 @@ def test_registering_a_stage_policy_restarts_no_replica(app, cfg, model_dirs, cl
     """What `tso run` does after each stage: the policy joins the matrix as the newest version and becomes
     the base. Roles, versions and weights are user_config, so only the new deployment starts."""
     from tso.run.pipeline import register_policy
-    from tso.serving.app import deploy, model_deployment_name, served_checkpoints
+    from tso.serving.app import deploy, served_checkpoints
+    from tso.serving.client import deployment_name
 
     before, served = replicas(cfg), served_checkpoints(cfg)
     staged = register_policy(cfg, 1, model_dirs["stage1"])
@@ -370,7 +371,7 @@ def test_registering_a_stage_policy_restarts_no_replica(app, cfg, model_dirs, cl
     try:
         after = replicas(staged)
         assert {k: after[k] for k in before} == before  # nothing restarted
-        assert set(after) - set(before) == {model_deployment_name("tso-1")}
+        assert set(after) - set(before) == {deployment_name("tso-1")}
         models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
         assert models["tso-1"]["role"] == "base" and models["tso-1"]["version"] == 2
         assert models["base"]["role"] == "negative" and models["old"]["role"] == "negative"
@@ -388,7 +389,6 @@ def test_deployments_yaml_names_a_real_builder_and_the_demo_app(tmp_path, monkey
     """deployments/demo.yaml parses as a Serve config, its import path is the builder, its app name is the
     demo config's serve.app_name, and without a built zoo the builder says which model to build how."""
     import importlib
-    from pathlib import Path
 
     import yaml
     from ray.serve import Application
@@ -397,7 +397,7 @@ def test_deployments_yaml_names_a_real_builder_and_the_demo_app(tmp_path, monkey
     from tso.config import ConfigError, builtin_config_path, load_config
 
     spec = ServeDeploySchema.model_validate(
-        yaml.safe_load((Path(__file__).resolve().parents[1] / "deployments" / "demo.yaml").read_text()))
+        yaml.safe_load((REPO / "deployments" / "demo.yaml").read_text()))
     [app] = spec.applications
     module, _, attr = app.import_path.partition(":")
     builder = getattr(importlib.import_module(module), attr)

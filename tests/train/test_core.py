@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
+from tests.toydata import arithmetic_pairs, toy_feedback, write_jsonl, write_pairs
 from tso.config import TrainConfig
 from tso.train.data import encode_prompt, epoch_steps, read_pairs, shard, split_minibatches, tokenize_pairs
 from tso.train.deepspeed_config import WarmupCosine, deepspeed_config
 from tso.train.metrics import read_kind, read_records, read_steps
 from tso.train.minibatch import plan_stage
 from tso.train.stage import PolicyJob, train_policy_local
-from tso.train.toy import arithmetic_pairs, toy_feedback, write_jsonl, write_pairs
 
 pytestmark = pytest.mark.timeout(300)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _train(**over) -> TrainConfig:
@@ -36,9 +36,9 @@ def _train(**over) -> TrainConfig:
     return TrainConfig.model_validate(base)
 
 
-def _job(train: TrainConfig, pairs: Path, base: Path, out: Path, engine: str = "torch") -> PolicyJob:
+def _job(train: TrainConfig, pairs: Path, base: Path, out: Path, backend: str = "torch") -> PolicyJob:
     return PolicyJob(train=train.model_dump(mode="json"), pairs_path=str(pairs), base_path=str(base),
-                     out_dir=str(out), stage=1, config_hash="test", engine=engine)
+                     out_dir=str(out), stage=1, config_hash="test", backend=backend)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -184,7 +184,7 @@ def test_stored_reference_matches_fresh_process_recompute_from_boundary_checkpoi
 
 def _verify_in_fresh_process(ckpts, pairs_file, base) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tso.train.verify", *map(str, ckpts), "--pairs", str(pairs_file),
+    proc = subprocess.run([sys.executable, "-m", "tests.tools.verify_reference", *map(str, ckpts), "--pairs", str(pairs_file),
                            "--base", str(base)], capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -313,9 +313,11 @@ def test_judge_sft_loss_is_answer_tokens_only_and_falls(tmp_path, tiny_model_dir
     from transformers import AutoModelForCausalLM
 
     from tso.method.logprobs import slow_sequence_logprob
+    from tso.train.backend import TorchBackend
     from tso.train.data import encode_response
-    from tso.train.engine import TorchEngine
-    from tso.train.judge_sft import JudgeJob, read_feedback, sft_step, train_judge_local
+    from tso.train.feedback import read_feedback
+    from tso.train.judge_sft import JudgeJob, train_judge_local
+    from tso.train.sft import sft_step
 
     rows = toy_feedback(48, seed=3)
     lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps({"messages": [{"role": "user", "content": "q"}]})]
@@ -327,10 +329,10 @@ def test_judge_sft_loss_is_answer_tokens_only_and_falls(tmp_path, tiny_model_dir
     # the loss of one micro-batch is the mean NLL of the answer tokens, the prompt only conditions
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     t = _train(global_batch=4, micro_batch=4, optimizer={"lr": 1e-9})
-    engine = TorchEngine(model, t, total_steps=1)
+    backend = TorchBackend(model, t, total_steps=1)
     batch = examples[:4]
     expected = -sum(slow_sequence_logprob(model, e.prompt, e.answer) for e in batch) / sum(len(e.answer) for e in batch)
-    out = sft_step(engine, [batch], tiny_tokenizer.pad_token_id)
+    out = sft_step(backend, [batch], tiny_tokenizer.pad_token_id)
     assert out["loss"] == pytest.approx(expected, rel=1e-4)
     assert batch[0].answer == encode_response(tiny_tokenizer, rows_by_id(rows)[batch[0].id]["messages"][-1]["content"])
 
@@ -338,7 +340,7 @@ def test_judge_sft_loss_is_answer_tokens_only_and_falls(tmp_path, tiny_model_dir
     t = _train(global_batch=8, micro_batch=8, epochs=3, max_length=320, optimizer={"lr": 3e-3, "warmup_ratio": 0.0})
     job = JudgeJob(train=t.model_dump(mode="json"), feedback_path=str(tmp_path / "clean.jsonl"),
                    base_path=str(tiny_model_dir), out_dir=str(tmp_path / "judge"), work_dir=str(tmp_path / "judge_train"),
-                   engine="torch")
+                   backend="torch")
     summary = train_judge_local(job, log=None)
     assert summary["steps"] == 18 and summary["last_loss"] < 0.6 * summary["first_loss"]
     lineage = json.loads((tmp_path / "judge" / "lineage.json").read_text())
@@ -359,7 +361,7 @@ def test_deepspeed_engine_in_one_process_matches_plain_torch(tmp_path, pairs_fil
         "import json, sys; from tso.config import TrainConfig; from tso.train.stage import PolicyJob, train_policy_local;"
         "t = TrainConfig.model_validate(json.loads(sys.argv[1]));"
         "r = train_policy_local(PolicyJob(train=t.model_dump(mode='json'), pairs_path=sys.argv[2], base_path=sys.argv[3],"
-        " out_dir=sys.argv[4], stage=1, config_hash='test', engine='deepspeed'), log=None, checkpoints=False);"
+        " out_dir=sys.argv[4], stage=1, config_hash='test', backend='deepspeed'), log=None, checkpoints=False);"
         "print(json.dumps({'policy': r.policy_dir}))"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -393,9 +395,9 @@ def _config_yaml(tmp_path, tiny_model_dir, **train) -> Path:
 def test_tso_train_command_local_writes_version_dir_metrics_and_plot(tmp_path, tiny_model_dir, pairs_file):
     cfg = _config_yaml(tmp_path, tiny_model_dir)
     proc = subprocess.run([sys.executable, "-m", "tso.cli", "train", str(cfg), "--pairs", str(pairs_file), "--local",
-                           "--engine", "torch", "--stage", "2"], capture_output=True, text=True, timeout=240, cwd=REPO)
+                           "--backend", "torch", "--stage", "2"], capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "run" / "train" / "stage2"
+    out = tmp_path / "run" / "stage-2" / "train"  # the layout of tso run
     assert f"policy:  {out / 'policy'}" in proc.stdout
     assert "[stage 2] step 1/" in proc.stdout and "loss 0.6931" in proc.stdout  # per-step progress
     lineage = json.loads((out / "policy" / "lineage.json").read_text())
@@ -410,6 +412,10 @@ def test_tso_train_command_local_writes_version_dir_metrics_and_plot(tmp_path, t
                           "--engine", "torch", "--out", str(tmp_path / "x"), "--set", "train.global_batch=64",
                           "--set", "train.micro_batch=8"], capture_output=True, text=True, timeout=240, cwd=REPO)
     assert bad.returncode == 2 and "fewer than one optimizer step" in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "run" / "train" / "stage3").mkdir(parents=True)  # a directory of the layout tso train used before
+    old = subprocess.run([sys.executable, "-m", "tso.cli", "train", str(cfg), "--pairs", str(pairs_file), "--local",
+                          "--stage", "3"], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert old.returncode == 2 and "older tso layout" in old.stderr and "stage-3/train" in old.stderr
     missing = subprocess.run([sys.executable, "-m", "tso.cli", "train", str(cfg), "--pairs", str(tmp_path / "no.parquet"),
                               "--local"], capture_output=True, text=True, timeout=240, cwd=REPO)
     assert missing.returncode == 2 and "no.parquet: no such pairs file" in missing.stderr

@@ -1,4 +1,4 @@
-"""Small synthetic training data with a learnable signal, for tests, quick benchmarks and smoke runs.
+"""Small synthetic training data with a learnable signal, for the tests of the training machinery.
 
 - Pairs: "a+b=" -> chosen is the right sum, rejected a wrong one: a preference a tiny model can learn.
 - Feedback: judge prompts over three kinds of answer (complete, terse, missing) whose target scores
@@ -8,11 +8,11 @@ Real feedback data comes from tso.toyworld; these only exercise the training mac
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
+from tso.io import atomic_write_jsonl, atomic_write_parquet
 from tso.method.judging import format_judge_answer, render_judge_prompt
 
 
@@ -34,13 +34,7 @@ def arithmetic_pairs(n: int, seed: int = 0, prefix: str = "p", filler: int = 0) 
 
 
 def write_pairs(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
+    return atomic_write_parquet(path, rows)
 
 
 FEEDBACK_KINDS = (("The answer is {c}.", "complete", 9.0), ("{c}", "terse", 6.0), ("no idea", "missing", 3.0))
@@ -60,9 +54,4 @@ def toy_feedback(n: int, seed: int = 0, rubric: str = "Rate the answer.") -> lis
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return path
+    return atomic_write_jsonl(path, rows)

@@ -1,4 +1,4 @@
-"""One small interface over the two ways a step is executed: a DeepSpeed engine (what Ray Train workers
+"""One small interface over the two ways a training step is executed: a DeepSpeed engine (what Ray Train workers
 run) and plain PyTorch in one process (a fallback, and a point of comparison in benchmarks).
 
 The loop calls ``backward(loss)`` once per micro-batch and ``step()`` after each; the optimizer steps
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -22,11 +21,11 @@ from tso.train.deepspeed_config import build_optimizer, build_scheduler, deepspe
 DS_TAG = "state"
 
 
-class Engine:
+class TrainBackend:
     module: torch.nn.Module
     grad_accum: int
     kind: str
-    autocast_dtype: torch.dtype | None = None  # mixed precision by autocast (plain engine on GPU)
+    autocast_dtype: torch.dtype | None = None  # mixed precision by autocast (plain backend on GPU)
 
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> None: ...
@@ -47,14 +46,14 @@ class Engine:
         self.module.eval()
 
 
-class TorchEngine(Engine):
+class TorchBackend(TrainBackend):
     """Plain PyTorch: AdamW, LambdaLR, clip_grad_norm_; one process (no data parallelism)."""
 
     kind = "torch"
 
     def __init__(self, model: torch.nn.Module, train: TrainConfig, total_steps: int):
         if dist.world_size() > 1:
-            raise ValueError("TorchEngine runs in one process; use the DeepSpeed engine for several workers")
+            raise ValueError("TorchBackend runs in one process; use the DeepSpeed backend for several workers")
         self.module = model
         self.grad_accum = grad_accum_steps(train, 1)
         self.clip = train.optimizer.grad_clip
@@ -99,7 +98,7 @@ class TorchEngine(Engine):
         return self.module.state_dict()
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedBackend(TrainBackend):
     """``deepspeed.initialize`` with torch AdamW and the warm-up/cosine LambdaLR; ZeRO stage from config."""
 
     kind = "deepspeed"
@@ -111,35 +110,35 @@ class DeepSpeedEngine(Engine):
         warn_stale_op_locks()
         self.config = deepspeed_config(train, world_size=dist.world_size(), use_gpu=use_gpu)
         optimizer = build_optimizer(model, train.optimizer)
-        self.engine, _, _, _ = deepspeed.initialize(
+        self.ds_engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=lambda opt: build_scheduler(opt, train.optimizer, total_steps),
             config=self.config,
         )
-        self.module = self.engine.module
-        self.grad_accum = self.engine.gradient_accumulation_steps()
+        self.module = self.ds_engine.module
+        self.grad_accum = self.ds_engine.gradient_accumulation_steps()
         self.zero_stage = train.zero_stage
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.ds_engine.backward(loss)
 
     def step(self) -> None:
-        self.engine.step()
+        self.ds_engine.step()
 
     def grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
+        norm = self.ds_engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     def lr(self) -> float:
-        return float(self.engine.get_lr()[0])
+        return float(self.ds_engine.get_lr()[0])
 
     def save(self, path: Path) -> None:
         """Every rank writes its own files (model states on rank 0, an optimizer partition per rank)."""
-        self.engine.save_checkpoint(str(path), tag=DS_TAG)
+        self.ds_engine.save_checkpoint(str(path), tag=DS_TAG)
 
     def load(self, path: Path) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+        load_path, _ = self.ds_engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag {DS_TAG!r})")
@@ -147,15 +146,15 @@ class DeepSpeedEngine(Engine):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (gathered under ZeRO-3; a collective, call on every rank)."""
         if self.zero_stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()
+            state = self.ds_engine._zero3_consolidated_16bit_state_dict()
             return state if dist.rank() == 0 else None
         return self.module.state_dict() if dist.rank() == 0 else None
 
     def train(self) -> None:
-        self.engine.train()
+        self.ds_engine.train()
 
     def eval(self) -> None:
-        self.engine.eval()
+        self.ds_engine.eval()
 
 
 def warn_stale_op_locks(max_age_s: float = 600.0) -> list[str]:
@@ -191,14 +190,10 @@ def ensure_process_group(use_gpu: bool) -> None:
                                          world_size=int(os.environ["WORLD_SIZE"]))
 
 
-def make_engine(kind: str, model: torch.nn.Module, train: TrainConfig, total_steps: int,
-                use_gpu: bool | None = None) -> Engine:
+def make_backend(kind: str, model: torch.nn.Module, train: TrainConfig, total_steps: int,
+                use_gpu: bool | None = None) -> TrainBackend:
     if kind == "deepspeed":
-        return DeepSpeedEngine(model, train, total_steps, use_gpu)
+        return DeepSpeedBackend(model, train, total_steps, use_gpu)
     if kind == "torch":
-        return TorchEngine(model, train, total_steps)
-    raise ValueError(f"unknown engine {kind!r} (have 'deepspeed', 'torch')")
-
-
-def engine_info(engine: Engine) -> dict[str, Any]:
-    return {"engine": engine.kind, "grad_accum": engine.grad_accum, "world_size": dist.world_size()}
+        return TorchBackend(model, train, total_steps)
+    raise ValueError(f"unknown backend {kind!r} (have 'deepspeed', 'torch')")

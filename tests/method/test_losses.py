@@ -1,12 +1,15 @@
 """The preference losses against closed-form values and their gradient behaviour."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from tso.config import LossConfig
-from tso.method.losses import cdpo_loss, dpo_loss, dual_clip_loss, ipo_loss, preference_loss
+from tso.method.loss_names import LOSS_NAMES, LOSS_SETTINGS
+from tso.method.losses import LOSSES, cdpo_loss, dpo_loss, dual_clip_loss, ipo_loss, loss_spec, preference_loss
 
 
 def _sig(x):
@@ -144,3 +147,80 @@ def test_preference_loss_dispatches_on_config():
         a, _ = preference_loss(cfg, PC, PR, RC, RR)
         b, _ = fn(PC, PR, RC, RR, **kw)
         assert a.item() == pytest.approx(b.item())
+
+
+FUNCTIONS = {"dpo": dpo_loss, "ipo": ipo_loss, "cdpo": cdpo_loss, "dual_clip": dual_clip_loss}
+CONSTANTS = {"beta": 0.2, "cdpo_eps": 0.1, "margin_pos": 0.3, "margin_neg": 0.1, "ipo_tau": 0.5}
+LW, LL = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 3.0])
+
+
+def test_registry_lists_exactly_the_four_losses():
+    assert list(LOSSES) == list(LOSS_NAMES) == ["dpo", "ipo", "cdpo", "dual_clip"]
+    assert set(LOSS_SETTINGS) == set(LOSSES)
+    assert {name: spec.fn for name, spec in LOSSES.items()} == FUNCTIONS
+
+
+def test_registry_properties():
+    assert all(spec.needs_reference for spec in LOSSES.values())
+    assert [n for n, spec in LOSSES.items() if spec.has_clip_stats] == ["dual_clip"]
+    for name, spec in LOSSES.items():
+        for normalize in ("sum", "mean"):
+            cfg = LossConfig(type=name, ipo_normalize=normalize)
+            assert spec.needs_lengths(cfg) == (name == "ipo" and normalize == "mean")
+
+
+def test_registry_settings_agree_with_the_torch_free_names():
+    for name, spec in LOSSES.items():
+        assert spec.settings == LOSS_SETTINGS[name]
+        assert set(spec.settings) <= set(LossConfig.model_fields)
+
+
+def test_clip_stats_only_where_the_registry_says():
+    for name, spec in LOSSES.items():
+        _, stats = preference_loss(LossConfig(type=name), PC, PR, RC, RR)
+        assert ("clip_frac_chosen" in stats) == ("clip_frac_rejected" in stats) == spec.has_clip_stats
+
+
+@pytest.mark.parametrize(
+    "kind, normalize, kw",
+    [
+        ("dpo", "sum", {"beta": 0.2}),
+        ("cdpo", "sum", {"beta": 0.2, "eps": 0.1}),
+        ("dual_clip", "sum", {"beta": 0.2, "margin_pos": 0.3, "margin_neg": 0.1}),
+        ("ipo", "sum", {"beta": 0.2, "tau": 0.5}),
+        ("ipo", "mean", {"beta": 0.2, "tau": 0.5, "chosen_lengths": LW, "rejected_lengths": LL}),
+    ],
+)
+def test_preference_loss_is_exactly_the_loss_function(kind, normalize, kw):
+    cfg = LossConfig(type=kind, ipo_normalize=normalize, **CONSTANTS)
+    a, sa = preference_loss(cfg, PC, PR, RC, RR, LW, LL)
+    b, sb = FUNCTIONS[kind](PC, PR, RC, RR, **kw)
+    assert torch.equal(a, b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_ipo_sum_ignores_lengths():
+    cfg = LossConfig(type="ipo", ipo_normalize="sum")
+    a, _ = preference_loss(cfg, PC, PR, RC, RR, LW, LL)
+    b, _ = preference_loss(cfg, PC, PR, RC, RR)
+    assert torch.equal(a, b)
+
+
+def test_used_settings():
+    cfg = dict(CONSTANTS, ipo_normalize="mean")
+    assert LossConfig(type="dpo", **cfg).used_settings() == {"beta": 0.2}
+    assert LossConfig(type="ipo", **cfg).used_settings() == {"beta": 0.2, "ipo_tau": 0.5, "ipo_normalize": "mean"}
+    assert LossConfig(type="cdpo", **cfg).used_settings() == {"beta": 0.2, "cdpo_eps": 0.1}
+    assert LossConfig(type="dual_clip", **cfg).used_settings() == {"beta": 0.2, "margin_pos": 0.3, "margin_neg": 0.1}
+    assert LossConfig().used_settings() == {"beta": 0.1, "margin_pos": 20.0, "margin_neg": 10.0}
+
+
+def test_unknown_loss_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown loss type 'kto'"):
+        loss_spec("kto")
+
+
+def test_no_import_circle_and_no_torch_in_config():
+    for code in ("import sys, tso.config; assert 'torch' not in sys.modules and 'tso.method.losses' not in sys.modules",
+                 "import sys, tso.method.losses; assert 'tso.config' not in sys.modules"):
+        subprocess.run([sys.executable, "-c", code], check=True)

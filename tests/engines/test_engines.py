@@ -3,70 +3,21 @@
 from __future__ import annotations
 
 import pickle
-import random
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import JUDGE_ANSWERS, JUDGE_RUBRICS, train_tiny_judge
 from tso.config import EngineConfig, JudgeConfig
 from tso.engines import ChatFormatError, EngineInputError, PromptTooLongError, SamplingParams, make_engine
-from tso.engines.base import engine_kind, sample_seed
+from tso.engines.base import sample_seed
+from tso.engines.factory import engine_kind
 from tso.engines.hf import HFEngine, sample_rows
 from tso.engines.requests import generate_requests
 from tso.engines.vllm import VLLMEngine, to_vllm_sampling_kwargs, vllm_available
 from tso.method.judging import render_judge_prompt
 
 pytestmark = pytest.mark.timeout(300)
-
-# A judge overfit (in seconds) to answer per dimension, so that score parsing is tested on real output.
-JUDGE_RUBRICS = {"correctness": "A: rate correctness.", "conciseness": "B: rate conciseness."}
-JUDGE_ANSWERS = {"correctness": "Evaluation evidence: ok Score: 7.0",
-                 "conciseness": "Evaluation evidence: short Score: 3.0"}
-_CACHE: dict[str, Path] = {}
-
-
-def train_tiny_judge(root: Path, tokenizer, steps: int = 160) -> Path:
-    """A tiny Llama fine-tuned on judge prompts to always answer JUDGE_ANSWERS[dimension] (then EOS).
-    Cached per session (pass a session-lifetime directory)."""
-    if "judge" in _CACHE:
-        return _CACHE["judge"]
-    from tso.zoo.tiny import random_tiny_llama, save_model_dir
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    model = random_tiny_llama(tokenizer, seed=7)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-
-    def example():
-        dim = rng.choice(sorted(JUDGE_RUBRICS))
-        q = "".join(rng.choice("abcdefgh 0123") for _ in range(rng.randint(1, 24)))
-        a = "".join(rng.choice("xyz 456") for _ in range(rng.randint(0, 24)))
-        text = tokenizer.apply_chat_template([{"role": "user", "content": render_judge_prompt(JUDGE_RUBRICS[dim], q, a)}],
-                                             tokenize=False, add_generation_prompt=True)
-        p = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return p, tokenizer(JUDGE_ANSWERS[dim], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-    for _ in range(steps):
-        batch = [example() for _ in range(16)]
-        width = max(len(p) + len(a) for p, a in batch)
-        ids = torch.full((16, width), tokenizer.pad_token_id)
-        labels = torch.full((16, width), -100)
-        mask = torch.zeros((16, width), dtype=torch.long)
-        for i, (p, a) in enumerate(batch):
-            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[i, : len(p) + len(a)] = 1
-            labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.set_num_threads(threads)
-    _CACHE["judge"] = save_model_dir(model, tokenizer, root / "tiny-judge")
-    return _CACHE["judge"]
-
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):

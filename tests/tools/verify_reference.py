@@ -1,6 +1,6 @@
 """Check a boundary checkpoint's stored reference log-probs against an independent recomputation.
 
-Run it in a fresh process (``python -m tso.train.verify CKPT... --pairs PAIRS``): it loads the policy
+Run it in a fresh process (``python -m tests.tools.verify_reference CKPT... --pairs PAIRS``): it loads the policy
 saved at the boundary with ``from_pretrained`` and recomputes each pair's log-probs one unpadded
 sequence at a time with ``tso.method.logprobs.slow_sequence_logprob`` (full logits, no batching),
 which shares no code with the batched training path. With ``--base`` it also reports how far the
@@ -57,7 +57,7 @@ def check_reference(checkpoint_dir: str | Path, pairs_path: str | Path, base_pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tso.train.verify", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tests.tools.verify_reference", description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--pairs", required=True)
     p.add_argument("--base")

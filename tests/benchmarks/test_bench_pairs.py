@@ -3,15 +3,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import REPO
 
 
 @pytest.mark.timeout(600)
 def test_bench_pairs_quick(tmp_path):
     out = tmp_path / "pairs.json"
-    script = Path(__file__).parents[1] / "benchmarks" / "bench_pairs.py"
+    script = REPO / "benchmarks" / "bench_pairs.py"
     proc = subprocess.run([sys.executable, str(script), "--quick", "--port", "18402", "--out", str(out)],
                           capture_output=True, text=True, timeout=560)
     assert proc.returncode == 0, proc.stderr[-3000:]

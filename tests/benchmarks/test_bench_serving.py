@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+BENCH = REPO / "benchmarks" / "bench_serving.py"
 
 
 def _load_bench():

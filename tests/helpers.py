@@ -1,0 +1,60 @@
+"""What several test modules share: the repository root and a tiny judge overfit to known answers."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from tso.method.judging import render_judge_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A judge overfit (in seconds) to answer per dimension, so that score parsing is tested on real output.
+JUDGE_RUBRICS = {"correctness": "A: rate correctness.", "conciseness": "B: rate conciseness."}
+JUDGE_ANSWERS = {"correctness": "Evaluation evidence: ok Score: 7.0",
+                 "conciseness": "Evaluation evidence: short Score: 3.0"}
+_CACHE: dict[str, Path] = {}
+
+
+def train_tiny_judge(root: Path, tokenizer, steps: int = 160) -> Path:
+    """A tiny Llama fine-tuned on judge prompts to always answer JUDGE_ANSWERS[dimension] (then EOS).
+    Cached per session (pass a session-lifetime directory)."""
+    if "judge" in _CACHE:
+        return _CACHE["judge"]
+    from tso.zoo.tiny import random_tiny_llama, save_model_dir
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    model = random_tiny_llama(tokenizer, seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def example():
+        dim = rng.choice(sorted(JUDGE_RUBRICS))
+        q = "".join(rng.choice("abcdefgh 0123") for _ in range(rng.randint(1, 24)))
+        a = "".join(rng.choice("xyz 456") for _ in range(rng.randint(0, 24)))
+        text = tokenizer.apply_chat_template([{"role": "user", "content": render_judge_prompt(JUDGE_RUBRICS[dim], q, a)}],
+                                             tokenize=False, add_generation_prompt=True)
+        p = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return p, tokenizer(JUDGE_ANSWERS[dim], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    for _ in range(steps):
+        batch = [example() for _ in range(16)]
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((16, width), tokenizer.pad_token_id)
+        labels = torch.full((16, width), -100)
+        mask = torch.zeros((16, width), dtype=torch.long)
+        for i, (p, a) in enumerate(batch):
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[i, : len(p) + len(a)] = 1
+            labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    _CACHE["judge"] = save_model_dir(model, tokenizer, root / "tiny-judge")
+    return _CACHE["judge"]
