@@ -93,7 +93,7 @@ def register_policy(cfg: RunConfig, stage: int, policy_dir: str, prefix: str = "
         name=policy_name(stage, prefix), path=str(policy_dir),
         version=max(m.version for m in new.matrix.models if m.size == base.size) + 1,
         size=base.size, engine=base.engine.model_copy(), resources=base.resources.model_copy(),
-        **{k: v for k, v in derived_options(base).items() if k != "revision"},
+        **derived_options(base),
     )
     new.matrix.models.append(entry)
     new.matrix.base = entry.name
