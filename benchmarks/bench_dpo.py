@@ -1,6 +1,6 @@
 """DPO training throughput: tso's trainer versus TRL's DPOTrainer, same model, data and batch, one run.
 
-Claim (docs/PERFORMANCE-TARGETS.md): tso's step and mini-batch code (the code a Ray Train worker runs,
+Claim (docs/benchmarks.md): tso's step and mini-batch code (the code a Ray Train worker runs,
 here without Ray, in one process; the reference pass at every mini-batch boundary included) trains
 faster than TRL's DPOTrainer at equal numerics. Configurations, each in its own fresh subprocess
 (clean peak memory, no shared process group) with the same torch thread count:
@@ -48,10 +48,10 @@ from typing import Any
 
 DEFAULT_DIR = Path(__file__).parent / "results"
 SHAPES: dict[str, dict[str, Any]] = {
-    # PERFORMANCE-TARGETS.md, "CPU": 3.4M parameters, 16 pairs x (32 + 64) tokens
+    # docs/benchmarks.md, "DPO on CPU": 3.4M parameters, 16 pairs x (32 + 64) tokens
     "cpu": {"hidden": 256, "intermediate": 688, "layers": 4, "heads": 4, "vocab": 512,
             "pairs_per_step": 16, "micro_batch": 16, "prompt": 32, "response": 64},
-    # PERFORMANCE-TARGETS.md, "DPO training on one H100": 1.24B parameters, 8 pairs x (256 + 512) tokens
+    # docs/benchmarks.md, "DPO on one GPU": 1.24B parameters, 8 pairs x (256 + 512) tokens
     "gpu-reference": {"hidden": 2048, "intermediate": 5504, "layers": 22, "heads": 16, "vocab": 32000,
                       "pairs_per_step": 8, "micro_batch": 8, "prompt": 256, "response": 512},
 }
@@ -458,7 +458,7 @@ def main(argv=None) -> int:
             "trl_tuned: gradient checkpointing off, precompute_ref_log_probs on; torch_compile on GPU only.",
             "trl_shipped (full mode only): DPOConfig defaults, gradient checkpointing on and bf16 autocast, "
             "timed over 2 steps after warm-up.",
-            "On CPU the comparison is evidence, not a gate (PERFORMANCE-TARGETS.md); the machine may be shared: "
+            "On CPU the comparison is evidence, not a gate (docs/benchmarks.md); the machine may be shared: "
             "see machine.load_avg_1m_at_start.",
         ],
     }

@@ -4,7 +4,7 @@ Both sides run `tso.pairs.pipeline.form_batch` over the same prompts, models, sa
 the baseline with `InProcessClient` (the engines in this process, no Ray), the pipeline with Ray Data
 streaming batches to the Serve deployments (`ServeClient`). Each engine uses the same torch thread
 count on both sides. The ratio pipeline_seconds / local_seconds is the pipeline's overhead (target:
-<= 1.15, PERFORMANCE-TARGETS.md). Model loading and deployment are outside the timed region; both
+<= 1.15). Model loading and deployment are outside the timed region; both
 sides get a warm-up batch first.
 
     python benchmarks/bench_pairs.py [--quick] [--zoo] [--out benchmarks/results/pairs.json]

@@ -1,6 +1,6 @@
 """REST scoring throughput and latency through Ray Serve, with replica-side batching on versus off.
 
-Claim (docs/PERFORMANCE-TARGETS.md): with Serve batching, ``POST /v1/score`` reaches at least 5x the
+Claim (docs/benchmarks.md): with Serve batching, ``POST /v1/score`` reaches at least 5x the
 throughput of batch size 1 at 32 concurrent clients. Both configurations run in the same invocation
 on the same model, the same machine and the same requests: the judge deployment with
 ``max_batch_size`` = ``--max-batch-size`` (on) and = 1 (off); everything else (max_ongoing_requests,

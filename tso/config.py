@@ -50,7 +50,16 @@ class EngineConfig(_Section):
     max_batch_size: int = Field(16, ge=1, le=1024, description="Serve batching: requests generated together.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Serve batching: wait for a fuller batch.")
     max_model_len: int | None = Field(None, ge=16, description="Context limit; default: the model config's.")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM on GPU: the share of GPU memory it takes.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="vLLM: GPUs one model is split over.")
+    enforce_eager: bool | None = Field(None, description="vLLM: no CUDA graphs/compilation; default: on CPU only.")
+    enable_prefix_caching: bool | None = Field(None, description="vLLM: reuse the KV cache of shared prompt prefixes.")
+    kv_cache_gib: int = Field(1, ge=1, le=1024, description="vLLM on CPU: KV cache GiB per engine (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_threads_bind: str = Field(
+        "nobind", pattern=r"^(auto|nobind|[0-9,\-|]+)$",
+        description="vLLM on CPU: VLLM_CPU_OMP_THREADS_BIND (auto, nobind, or cores such as 0-1).",
+    )
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM: more AsyncEngineArgs, passed as they are.")
 
 
 class ResourceConfig(_Section):
@@ -61,6 +70,11 @@ class ResourceConfig(_Section):
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
     autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config (replaces num_replicas).")
+    accelerator_type: str | None = Field(None, max_length=64, description="Ray accelerator type, e.g. H100 or A100.")
+    placement_group_bundles: list[dict[str, float]] | None = Field(
+        None, min_length=1, description="Serve placement bundles, e.g. one {GPU: 1} per tensor-parallel rank."
+    )
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 StopToken = str | int

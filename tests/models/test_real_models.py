@@ -230,3 +230,43 @@ def test_tso_run_end_to_end_on_real_checkpoints(ray_cluster, smollm2_home, tmp_p
                                                     for e in evals.values())
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["status"] == "done" and meta["judge"]["kind"] == "configured"
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.timeout(1800)
+def test_tso_run_end_to_end_with_the_vllm_engine(ray_cluster, smollm2_home, tmp_path):
+    """The same run with the policy and the judge on vLLM: the policy's new weights are swapped into
+    the running engine in place after training (weight version 1 on the same replica)."""
+    pytest.importorskip("vllm")
+    from ray import serve
+
+    from tso.config import load_config
+    from tso.run.pipeline import run_pipeline
+    from tso.serving.client import ServeClient
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    data = real_run_config(smollm2_home, run_dir)
+    vllm = {"kind": "vllm", "dtype": "bfloat16", "max_model_len": 384, "kv_cache_gib": 1}
+    for m in data["matrix"]["models"]:
+        if m["name"] == data["matrix"]["base"]:
+            m["engine"] = {**vllm, "max_model_len": 320}
+    data["judge"]["engine"] = vllm
+    cfg_path = tmp_path / "real-vllm.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    serve.shutdown()
+    try:
+        result = run_pipeline(load_config(cfg_path), str(cfg_path), keep_serving=True)
+        client = ServeClient("tso-real-test")
+        policy, judge = (client.handle(n).info.remote().result() for n in ("policy", "judge"))
+        assert policy["engine"] == judge["engine"] == "vllm"
+        assert policy["checkpoint"] == result["policies"][0] and policy["weight_version"] == 1
+    finally:
+        serve.shutdown()
+    s = json.loads((run_dir / "stage-1" / "pairs" / "summary.json").read_text())
+    assert s["pairs"] >= 4 and s["rejected_rows"] == 3 and s["judge"]["judged"] > 0
+    rows = pq.read_table(run_dir / "stage-1" / "pairs" / "pairs.parquet").to_pylist()
+    assert all(r["chosen_finish_reason"] == r["rejected_finish_reason"] == "stop" for r in rows)
+    evals = {json.loads(p.read_text())["label"] for p in (run_dir / "eval").glob("*.json")}
+    assert evals == {"base", "tso-1"} and (run_dir / "report.md").is_file()

@@ -113,16 +113,19 @@ def test_cli_redeploy_of_the_same_config_restarts_nothing(app, cfg, tmp_path):
 
 
 def test_models_lists_every_deployment(client, model_dirs):
+    """OpenAI's model list, each entry with tso's fields. The base has no deployment of its own: the
+    policy deployment serves it (no second copy of the same weights)."""
     body = client.get("/v1/models").json()
-    by_name = {m["name"]: m for m in body["models"]}
-    assert set(by_name) == {"old", "base", "policy", "judge"}
+    assert body["object"] == "list" and all(m["object"] == "model" and m["owned_by"] == "tso" for m in body["data"])
+    by_name = {m["id"]: m for m in body["data"]}
+    assert set(by_name) == {"old", "policy", "judge"} and all(m["name"] == k for k, m in by_name.items())
     assert by_name["old"]["role"] == "negative" and by_name["old"]["version"] == 0
-    assert by_name["base"]["role"] == "base" and by_name["base"]["version"] == 1 and by_name["base"]["size"] == 1
     assert by_name["policy"]["role"] == "policy" and by_name["policy"]["checkpoint"] == model_dirs["base"]
+    assert by_name["policy"]["base"] == "base" and by_name["policy"]["weight_version"] == 0
     judge = by_name["judge"]
     assert judge["uncorrected"] is True and judge["checkpoint"] == model_dirs["base"]  # no judge.path: the base
     assert judge["dimensions"] == ["correctness", "conciseness"]
-    assert all(m["max_context"] == 1024 and m["engine"] == "transformers" for m in body["models"])
+    assert all(m["max_context"] == 1024 and m["engine"] == "transformers" for m in body["data"])
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/docs").status_code == 200
     assert {"/v1/score", "/v1/score/batch", "/v1/generate", "/v1/models"} <= set(client.get("/openapi.json").json()["paths"])
@@ -134,7 +137,7 @@ def test_generate_round_trip(client, model_dirs, tiny_tokenizer):
     r = client.post("/v1/generate", json=req)
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["model"] == "base" and out["checkpoint"] == model_dirs["base"]
+    assert out["model"] == "policy" and out["checkpoint"] == model_dirs["base"]  # the policy deployment serves the base
     assert len(out["texts"]) == 2 and out["texts"][0] != out["texts"][1]
     assert all(1 <= n <= 12 for n in out["num_tokens"]) and set(out["finish_reasons"]) <= {"stop", "length"}
     assert out["seeds"][0] == 21 and out["prompt_tokens"] == len("What is 3 + 4?")
@@ -148,6 +151,35 @@ def test_generate_round_trip(client, model_dirs, tiny_tokenizer):
     r = client.post("/v1/generate", json={"model": "policy", "prompt": chat, "temperature": 0, "max_new_tokens": 5})
     rendered = tiny_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert r.status_code == 200 and r.json()["prompt_tokens"] == len(tiny_tokenizer(rendered)["input_ids"]) == 8
+
+
+def test_openai_client_talks_to_the_policy_and_the_matrix(client, model_dirs):
+    """The `openai` package against the live app: chat and text completions, the model list, the
+    usage counts; a chat completion is the same answer as tso's own /v1/generate of the request."""
+    import openai
+
+    oa = openai.OpenAI(base_url=f"{URL}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+    chat = oa.chat.completions.create(model="policy", messages=messages, max_tokens=8, temperature=0.8, top_p=0.9,
+                                      seed=4, n=2)
+    assert chat.object == "chat.completion" and len(chat.choices) == 2 and chat.model == "policy"
+    assert all(c.message.role == "assistant" and c.finish_reason in ("stop", "length") for c in chat.choices)
+    mine = client.post("/v1/generate", json={"model": "policy", "prompt": messages, "max_new_tokens": 8,
+                                             "temperature": 0.8, "top_p": 0.9, "seed": 4, "n": 2}).json()
+    assert [c.message.content for c in chat.choices] == mine["texts"]
+    assert chat.usage.prompt_tokens == mine["prompt_tokens"] and chat.usage.completion_tokens == sum(mine["num_tokens"])
+    text = oa.completions.create(model="old", prompt="abc", max_tokens=5, temperature=0)
+    assert text.object == "text_completion" and text.choices[0].text == local_text(
+        model_dirs["old"], "abc", temperature=0, max_new_tokens=5)[0]  # raw text, no chat template
+    assert {m.id for m in oa.models.list()} == {"old", "policy", "judge"}
+    with pytest.raises(openai.UnprocessableEntityError):
+        oa.chat.completions.create(model="policy", messages=messages, stream=True)
+    r = client.post("/v1/chat/completions", json={"model": "policy", "messages": messages, "stream": True})
+    assert r.status_code == 422 and "streaming is not supported" in r.text
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="gpt-9", messages=messages)
+    with pytest.raises(openai.UnprocessableEntityError):
+        oa.chat.completions.create(model="policy", messages=messages, temperature=3)
 
 
 def test_uncorrected_random_judge_is_unscored_with_reason(client):
@@ -164,7 +196,7 @@ def test_batching_batches_and_seeds_ignore_batch_companions(app, cfg):
               "max_new_tokens": 16}
     with httpx.Client(base_url=URL, timeout=120) as c:
         alone = c.post("/v1/generate", json=target).json()["texts"]
-    handle("model-base").stats.remote(reset=True).result()
+    handle("policy").stats.remote(reset=True).result()
 
     async def burst():
         reqs = [{"model": "base", "prompt": f"companion {i} " * (i % 5 + 1), "temperature": 0.5 + (i % 3) / 2,
@@ -176,7 +208,7 @@ def test_batching_batches_and_seeds_ignore_batch_companions(app, cfg):
     responses = asyncio.run(burst())
     assert [r.status_code for r in responses] == [200] * 24
     assert responses[11].json()["texts"] == alone
-    stats = handle("model-base").stats.remote().result()
+    stats = handle("policy").stats.remote().result()
     assert stats["requests"] == 24 and stats["max_batch_requests"] > 1, stats
     assert stats["batches"] < 24
 
@@ -306,9 +338,9 @@ def test_policy_hot_swap_under_load(app, cfg, model_dirs):
     for _, body in results:  # every answer is the text of the checkpoint it reports
         assert body["texts"] == (new_text if body["checkpoint"] == model_dirs["stage1"] else old_text)
     assert replicas(cfg) == before  # reconfigured in place: no replica restarted
-    models = {m["name"]: m for m in httpx.get(f"{URL}/v1/models").json()["models"]}
-    assert models["policy"]["checkpoint"] == model_dirs["stage1"]
-    assert models["base"]["checkpoint"] == model_dirs["base"]
+    models = {m["name"]: m for m in httpx.get(f"{URL}/v1/models").json()["data"]}
+    assert models["policy"]["checkpoint"] == model_dirs["stage1"] and models["policy"]["weight_version"] == 1
+    assert models["old"]["checkpoint"] == model_dirs["old"]  # the other deployments kept their weights
 
 
 def test_trained_judge_swapped_in_scores_parse(app, cfg, model_dirs, client):
@@ -328,7 +360,7 @@ def test_trained_judge_swapped_in_scores_parse(app, cfg, model_dirs, client):
     assert [b["score"] for b in batch] == [7.0, pytest.approx(5.0)]
     stream = handle("judge").options(stream=True).score_stream.remote({"prompt": "a", "response": "b"})
     assert [s["score"] for s in stream] == [pytest.approx(5.0)]
-    judge = {m["name"]: m for m in client.get("/v1/models").json()["models"]}["judge"]
+    judge = {m["name"]: m for m in client.get("/v1/models").json()["data"]}["judge"]
     assert judge["uncorrected"] is False and judge["checkpoint"] == model_dirs["judge"]
 
 
@@ -371,15 +403,17 @@ def test_registering_a_stage_policy_restarts_no_replica(app, cfg, model_dirs, cl
     try:
         after = replicas(staged)
         assert {k: after[k] for k in before} == before  # nothing restarted
-        assert set(after) - set(before) == {deployment_name("tso-1")}
-        models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-        assert models["tso-1"]["role"] == "base" and models["tso-1"]["version"] == 2
-        assert models["base"]["role"] == "negative" and models["old"]["role"] == "negative"
+        # the old base is a negative now and gets its deployment; tso-1 is served by the policy deployment
+        assert set(after) - set(before) == {deployment_name("base")}
+        models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
+        assert "tso-1" not in models and models["policy"]["base"] == "tso-1"
+        assert models["base"]["role"] == "negative" and models["base"]["version"] == 1
+        assert models["old"]["role"] == "negative"
         assert models["policy"]["checkpoint"] == model_dirs["stage1"] and models["policy"]["base"] == "tso-1"
         assert models["judge"]["checkpoint"] == model_dirs["judge"]
     finally:
         deploy(cfg, checkpoints=served, port=PORT)
-    assert replicas(cfg) == before  # and back: tso-1 removed, the others reconfigured
+    assert replicas(cfg) == before  # and back: model-base removed, the others reconfigured
 
 
 # ----------------------------------------------------------------------------- the Serve config file
@@ -442,6 +476,11 @@ def test_deployment_options_follow_the_resource_config():
     auto = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
     opts = _options("judge", engine, ResourceConfig(autoscaling=auto), {"checkpoint": "/ckpt"})
     assert opts["autoscaling_config"] == auto and "num_replicas" not in opts
+    assert "placement_group_bundles" not in opts and "accelerator_type" not in opts["ray_actor_options"]
+    tp = ResourceConfig(num_gpus=0, accelerator_type="H100", placement_group_bundles=[{"CPU": 1, "GPU": 1}, {"GPU": 1}])
+    opts = _options("policy", EngineConfig(kind="vllm", tensor_parallel_size=2), tp, {"checkpoint": "/ckpt"})
+    assert opts["ray_actor_options"]["accelerator_type"] == "H100"
+    assert opts["placement_group_bundles"] == [{"CPU": 1, "GPU": 1}, {"GPU": 1}] and opts["placement_group_strategy"] == "PACK"
 
 
 def test_build_app_checks_names_and_directories(tmp_path):

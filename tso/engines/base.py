@@ -51,6 +51,7 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)  # the seed each sample was drawn with
     checkpoint: str = ""
     stop_tokens: list[str | None] = field(default_factory=list)  # the token that ended each sample (None: length)
+    weight_version: int = 0  # the engine's swaps before these samples (0: the weights it started with)
 
 
 class EngineInputError(ValueError):
@@ -146,6 +147,14 @@ class GenerationEngine(ABC):
     @abstractmethod
     def max_context(self) -> int:
         """Prompt plus generated tokens may not exceed this."""
+
+    #: engines that batch by themselves (vLLM) are awaited request by request (``agenerate``, ``aload``)
+    is_async = False
+
+    @property
+    def weight_version(self) -> int:
+        """Loads after the first one: every result names the version that produced it."""
+        return 0
 
     def render(self, prompt: Prompt) -> str:
         """The text a prompt becomes: a string as-is, a chat through the tokenizer's chat template."""

@@ -53,6 +53,7 @@ class _Loaded:
     max_context: int
     eos_ids: tuple[int, ...]  # every stop token id (EOS ids, end-of-turn, configured stop_tokens)
     pad_id: int
+    version: int = 0  # loads after the first one
 
 
 class RowSampler(LogitsProcessor):
@@ -151,7 +152,8 @@ class HFEngine(GenerationEngine):
             pad = tokenizer.pad_token_id
             if pad is None:
                 pad = eos_ids[0] if eos_ids else 0
-            self._state = _Loaded(model, tokenizer, str(checkpoint_dir), int(limit), eos_ids, int(pad))
+            version = 0 if old is None else old.version + 1
+            self._state = _Loaded(model, tokenizer, str(checkpoint_dir), int(limit), eos_ids, int(pad), version)
         # the old model is freed when the last generate call that holds it returns
 
     @property
@@ -165,6 +167,10 @@ class HFEngine(GenerationEngine):
     @property
     def max_context(self) -> int:
         return self._state.max_context
+
+    @property
+    def weight_version(self) -> int:
+        return self._state.version
 
     # -- generation
 
@@ -198,6 +204,7 @@ class HFEngine(GenerationEngine):
                 seeds=[row[4] for row in rows if row[0] == r],
                 checkpoint=state.checkpoint,
                 stop_tokens=[s[3] for s in samples],
+                weight_version=state.version,
             ))
         return results
 

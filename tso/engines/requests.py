@@ -105,6 +105,7 @@ def result_dict(result: GenerationResult, model: str) -> dict:
         "checkpoint": result.checkpoint,
         "finish_reasons": result.finish_reasons,
         "stop_tokens": result.stop_tokens or [None] * len(result.texts),
+        "weight_version": result.weight_version,
         "num_tokens": result.num_tokens,
         "prompt_tokens": result.prompt_tokens,
         "seeds": result.seeds,

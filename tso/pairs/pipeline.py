@@ -109,6 +109,7 @@ class _RowState:
     failed: list[dict] = field(default_factory=list)  # {"source", "code", "message"}
     redrawn: list[tuple[str, str]] = field(default_factory=list)  # (side, source) of every redraw
     excluded: dict[str, set[str]] = field(default_factory=lambda: {"pos": set(), "neg": set()})
+    generated_tokens: int = 0  # of every answer generated for the row (redraws and dropped ones included)
 
 
 def _request(row: dict, job: PairJob, n: int, seed: int) -> dict:
@@ -146,6 +147,7 @@ def _generate_sides(job: PairJob, rows: list[dict], plans: list[dict], client: M
                 state.excluded[side].add(src)
                 retry.append((i, side, k))
                 continue
+            state.generated_tokens += sum(result.get("num_tokens", []))
             cand = _samples(result, src)[0]
             if cand.finish_reason == "length":
                 state.truncated.append(src)
@@ -159,6 +161,7 @@ def _generate_sides(job: PairJob, rows: list[dict], plans: list[dict], client: M
                 if "error" in result:
                     state.failed.append({"source": POLICY, **result["error"]})
                     continue
+                state.generated_tokens += sum(result.get("num_tokens", []))
                 samples = _samples(result, POLICY)
                 state.truncated += [POLICY for c in samples if c.finish_reason == "length"]
                 state.candidates["self"] = [c for c in samples if job.truncated == "keep" or c.finish_reason == "stop"]
@@ -229,6 +232,7 @@ def form_batch(job: PairJob, rows: list[dict], client: ModelClient) -> list[dict
             "truncated": state.truncated,
             "failed": state.failed,
             "redrawn": state.redrawn,
+            "generated_tokens": state.generated_tokens,
             "unavailable": list(row.get("unavailable") or ()),
             "reject": reject,
         })
@@ -290,7 +294,7 @@ def summarize(results: list[dict], rejects: list[dict], over_limit: int, seconds
     redrawn: Counter = Counter()
     unavailable: Counter = Counter()
     hist = {k: Counter() for k in ("pos", "neg", "self", "chosen", "rejected")}
-    n_pairs = judged = 0
+    n_pairs = judged = tokens = 0
     for r in results:
         counts.update(r["counts"])
         drawn_pos.update(r["sources"]["pos"])
@@ -301,6 +305,7 @@ def summarize(results: list[dict], rejects: list[dict], over_limit: int, seconds
         redrawn.update(src for _, src in r.get("redrawn", []))
         unavailable.update(r.get("unavailable", []))
         judged += r.get("judged", 0)
+        tokens += r.get("generated_tokens", 0)
         for kind in ("pos", "neg", "self"):
             hist[kind].update(_bin(s) for s in r["scores"][kind])
         for p in r["pairs"]:
@@ -329,8 +334,10 @@ def summarize(results: list[dict], rejects: list[dict], over_limit: int, seconds
         "rejected_rows": sum(1 for r in rejects if r.get("scope", "row") == "row"),
         "human_answers_dropped": human_dropped,
         "over_max_prompts": over_limit,
+        "generated_tokens": tokens,
         "seconds": round(seconds, 3),
         "pairs_per_second": round(n_pairs / seconds, 3) if seconds > 0 else None,
+        "generated_tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
     }
 
 

@@ -28,12 +28,16 @@ def _generate_answers(engine_cfg: dict, path: str, rows: list[dict], sampling: d
     out: list[dict] = []
     # an offline job: batch at least 64 (answers do not depend on their batch companions)
     step = max(64, engine_cfg.get("max_batch_size", 16))
-    for i in range(0, len(requests), step):
-        for res in generate_requests(engine, requests[i : i + step], return_exceptions=True):
-            if isinstance(res, Exception):
-                out.append({"error": str(res)})
-            else:
-                out.append({"text": res["texts"][0], "finish_reason": res["finish_reasons"][0]})
+    try:
+        for i in range(0, len(requests), step):
+            for res in generate_requests(engine, requests[i : i + step], return_exceptions=True):
+                if isinstance(res, Exception):
+                    out.append({"error": str(res)})
+                else:
+                    out.append({"text": res["texts"][0], "finish_reason": res["finish_reasons"][0]})
+    finally:
+        if hasattr(engine, "shutdown"):  # vLLM's engine process must not outlive the task (Ray reuses workers)
+            engine.shutdown()
     return out
 
 

@@ -175,7 +175,8 @@ def run_stages(
     cfg: RunConfig, run_dir: Path, timer: Timer, prefix: str = "tso", deploy_app: bool = True, serve_last: bool = True
 ) -> tuple[RunConfig, list[str]]:
     """Stages 1..T over a config whose judge is settled; returns the final config and the policies."""
-    from tso.serving.app import deploy
+    from tso.serving.app import deploy, require_served
+    from tso.serving.client import POLICY
 
     stage_gauge = _metric("tso_stage", "the TSO stage being run")
     if deploy_app:
@@ -192,6 +193,7 @@ def run_stages(
         if t < cfg.stages or serve_last:
             # the new version gets its own deployment and the policy deployment now serves it
             timer.run(f"stage {t}: register {cfg.matrix.base} and hot-swap the policy", deploy, cfg)
+            require_served(cfg, {POLICY: cfg.matrix.entry(cfg.matrix.base).path})
     return cfg, policies
 
 

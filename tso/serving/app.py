@@ -43,7 +43,9 @@ INGRESS_MAX_ONGOING = 1024
 
 
 def deployment_names(cfg: RunConfig) -> list[str]:
-    return [deployment_name(m.name) for m in cfg.matrix.models] + [POLICY, JUDGE]
+    """The app's deployments. The base (the current policy) has no matrix deployment of its own: the
+    policy deployment serves it until the next stage, which makes it a matrix negative."""
+    return [deployment_name(m.name) for m in cfg.matrix.models if m.name != cfg.matrix.base] + [POLICY, JUDGE]
 
 
 def _code_fingerprint() -> str:
@@ -90,6 +92,11 @@ def _options(name: str, engine, resources, user_config: dict) -> dict:
         "health_check_timeout_s": 120,  # a health check waits for the running batch (deployments.py)
         "graceful_shutdown_timeout_s": 30,
     }
+    if resources.accelerator_type:
+        actor["accelerator_type"] = resources.accelerator_type
+    if resources.placement_group_bundles:
+        opts["placement_group_bundles"] = [dict(b) for b in resources.placement_group_bundles]
+        opts["placement_group_strategy"] = resources.placement_group_strategy
     if resources.autoscaling:
         opts["autoscaling_config"] = dict(resources.autoscaling)
     else:
@@ -134,7 +141,7 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
     models = {}
     for m in cfg.matrix.models:
         dep = deployment_name(m.name)
-        if dep not in wanted:
+        if dep not in wanted or m.name == cfg.matrix.base:
             continue
         kwargs = dict(name=m.name, deployment=dep, engine=m.engine.model_dump(), sampling=sampling, size=m.size,
                       options=checkpoint_options(m))
@@ -180,7 +187,7 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
     )
     ingress = _with_version(ingress, _version("ingress", sorted(wanted), limits, digest, cfg.name))
     return ingress.bind(models=models, policy=policy, judge=judge, limits=limits, token_sha256=digest,
-                        title=cfg.name)
+                        title=cfg.name, base=cfg.matrix.base)
 
 
 def deploy(cfg: RunConfig, blocking: bool = False, *, checkpoints: dict[str, str] | None = None,
@@ -210,6 +217,18 @@ def swap_checkpoint(cfg: RunConfig, checkpoint: str, deployment: str = "policy",
     current = served_checkpoints(cfg, include)
     current[deployment] = checkpoint
     deploy(cfg, checkpoints=current, port=port, include=include)
+    require_served(cfg, {deployment: checkpoint})
+
+
+def require_served(cfg: RunConfig, expected: dict[str, str]) -> None:
+    """Raise unless each deployment serves the checkpoint it should (a failed swap keeps the old
+    weights serving and records why: say so here rather than run on the wrong model)."""
+    client = ServeClient(cfg.serve.app_name)
+    for name, path in expected.items():
+        info = client.handle(name).info.remote().result()
+        if info["checkpoint"] != path:
+            raise RuntimeError(f"deployment {name!r} still serves {info['checkpoint']}, not {path}: "
+                               f"{info.get('load_error') or 'the swap did not happen'}")
 
 
 def app_from_config(args: dict[str, Any]) -> Application:

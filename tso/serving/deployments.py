@@ -58,9 +58,15 @@ thread).
 Hot-swap: ``user_config={"checkpoint": "<model dir>", ...}`` (``tso.serving.app.swap_checkpoint``); the
 other keys (configured path, role, matrix version, base) change when a stage registers a new policy,
 also without a restart.
-``reconfigure`` loads the new weights on a thread while batches keep running on the old ones, then
-switches in one assignment: a batch that started before runs on the old weights, every later batch
-on the new ones, and each result reports the checkpoint that produced it.
+``reconfigure`` loads the new weights while requests keep being answered: the transformers engine
+loads a second copy on a thread and switches in one assignment (a batch that started before runs on
+the old weights, every later batch on the new ones); the vLLM engine reloads in place between
+requests (``tso.engines.vllm``). Each result reports the checkpoint and ``weight_version`` that
+produced it. A swap that fails leaves the old weights serving and says why in ``info()["load_error"]``
+(raising would restart the replica into the same failure); ``swap_checkpoint`` checks what is served.
+
+Engines that batch by themselves (vLLM: ``engine.is_async``) get each request as it arrives
+(continuous batching); the transformers engine gets ``@serve.batch`` batches.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ class ModelServer:
         self.options = dict(options or {})  # revision, trust_remote_code, chat_template, stop_tokens
         self.sampling = SamplingConfig.model_validate(sampling)
         self.engine = None
+        self.load_error: str | None = None  # the last swap that failed (the old weights kept serving)
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{deployment}-load")
         self._generate_batch.set_max_batch_size(self.engine_cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.engine_cfg.batch_wait_timeout_s)
@@ -131,7 +138,17 @@ class ModelServer:
         if checkpoint == self.engine.checkpoint:
             return
         logger.info("%s: loading %s (serving %s meanwhile)", self.deployment, checkpoint, self.engine.checkpoint)
-        await asyncio.get_running_loop().run_in_executor(self._load_pool, self.engine.load, checkpoint)
+        try:
+            if self.engine.is_async:
+                await self.engine.aload(checkpoint)
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._load_pool, self.engine.load, checkpoint)
+        except Exception as e:  # keep serving the old weights: raising here would restart the replica into the same failure
+            self.load_error = f"{checkpoint}: {e}"
+            logger.error("%s: could not load %s, still serving %s: %s", self.deployment, checkpoint,
+                         self.engine.checkpoint, e)
+            return
+        self.load_error = None
         logger.info("%s: now serving %s", self.deployment, checkpoint)
 
     def _engine_started(self) -> None:
@@ -168,6 +185,9 @@ class ModelServer:
         return out
 
     async def _submit(self, ids: list[int], params: SamplingParams) -> GenerationResult:
+        if self.engine.is_async:  # vLLM batches continuously by itself: hand it every request as it comes
+            self._stats.record(1, params.n)
+            return await self.engine.agenerate(ids, params)
         result = await self._generate_batch((ids, params))
         if isinstance(result, Exception):
             raise result
@@ -196,6 +216,8 @@ class ModelServer:
             "version": self.version,
             "size": self.size,
             "checkpoint": self.engine.checkpoint,
+            "weight_version": self.engine.weight_version,
+            "load_error": self.load_error,
             "path": self.path,
             "engine": self.engine.name,
             "max_context": self.engine.max_context,

@@ -5,7 +5,8 @@ Endpoints (OpenAPI docs at ``/docs``)::
     POST /v1/score         {"prompt", "response", "dimension"?}   -> ScoreResponse
     POST /v1/score/batch   {"items": [...]} (<= serve.max_batch_items) -> {"results": [...]}
     POST /v1/generate      {"model", "prompt", "n", "temperature", "top_p", "max_new_tokens", "seed"}
-    GET  /v1/models        names, versions, sizes, roles, served checkpoints (asks every deployment)
+    POST /v1/chat/completions, /v1/completions   OpenAI's shapes (tso.serving.openai_api)
+    GET  /v1/models        OpenAI's model list; each entry with tso's name, version, size, role, checkpoint
     GET  /healthz          liveness (no auth)
 
 Errors are answers, never crashes: a body over ``serve.max_body_bytes``, a text field over
@@ -20,6 +21,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -28,11 +30,20 @@ from ray import serve
 
 from tso.engines.base import EngineInputError
 from tso.engines.requests import prompt_chars
+from tso.serving.openai_api import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelList,
+    chat_completion,
+    completion,
+    model_list,
+)
 from tso.serving.schemas import (
     GenerateBody,
     GenerateResponse,
     ModelInfo,
-    ModelsResponse,
     ScoreBatchBody,
     ScoreBatchResponse,
     ScoreBody,
@@ -120,9 +131,11 @@ class Ingress:
     """Routes REST requests to the deployments through their handles."""
 
     def __init__(self, *, models: dict, policy, judge, limits: dict, token_sha256: str | None,
-                 title: str = "tso"):
+                 title: str = "tso", base: str | None = None):
         self.models = dict(models)  # matrix name -> handle of model-<name>
         self.policy, self.judge = policy, judge
+        self.base = base  # the matrix name the policy deployment serves (it has no deployment of its own)
+        self.created = int(time.time())
         self.max_body_bytes = int(limits["max_body_bytes"])
         self.max_field_chars = int(limits["max_field_chars"])
         self.max_batch_items = int(limits["max_batch_items"])
@@ -132,10 +145,11 @@ class Ingress:
     # -- helpers
 
     def _served(self) -> list[str]:
-        return sorted(self.models) + (["policy"] if self.policy is not None else [])
+        names = sorted(self.models) + (["policy"] if self.policy is not None else [])
+        return names + ([self.base] if self.base and self.policy is not None and self.base not in names else [])
 
     def _handle(self, model: str):
-        if model == "policy" and self.policy is not None:
+        if model in ("policy", self.base) and self.policy is not None:
             return self.policy
         if model in self.models:
             return self.models[model]
@@ -186,22 +200,38 @@ class Ingress:
         async def healthz() -> dict:
             return {"status": "ok"}
 
-        @app.get("/v1/models", response_model=ModelsResponse, dependencies=auth, responses=_ERRORS)
+        @app.get("/v1/models", response_model=ModelList, dependencies=auth, responses=_ERRORS)
         async def models() -> dict:
+            """OpenAI's model list; each entry also holds tso's fields (role, version, checkpoint, ...)."""
             handles = [h for h in (*self.models.values(), self.policy, self.judge) if h is not None]
             infos = await asyncio.gather(*(h.info.remote() for h in handles))
-            return {"models": [{k: v for k, v in i.items() if k in ModelInfo.model_fields} for i in infos]}
+            return model_list([{k: v for k, v in i.items() if k in ModelInfo.model_fields} for i in infos], self.created)
 
-        @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth, responses=_ERRORS)
-        async def generate(body: GenerateBody) -> dict:
-            handle = self._handle(body.model)
-            chars = prompt_chars(body.prompt)
+        async def _generate(model: str, request: dict, chars: int) -> dict:
+            handle = self._handle(model)
             if chars > self.max_field_chars:
                 raise _field_limit("prompt", chars, self.max_field_chars)
             try:
-                return await handle.generate.remote(body.model_dump(exclude={"model"}))
+                return await handle.generate.remote(request)
             except EngineInputError as e:
                 raise _input_error(e) from None
+
+        @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth, responses=_ERRORS)
+        async def generate(body: GenerateBody) -> dict:
+            return await _generate(body.model, body.model_dump(exclude={"model"}), prompt_chars(body.prompt))
+
+        @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=auth, responses=_ERRORS)
+        async def chat_completions(body: ChatCompletionRequest) -> dict:
+            """OpenAI's chat completion: the messages through the model's chat template."""
+            result = await _generate(body.model, body.generation_request([m.model_dump() for m in body.messages]),
+                                     prompt_chars(body.messages))
+            return chat_completion(body.model, result)
+
+        @app.post("/v1/completions", response_model=Completion, dependencies=auth, responses=_ERRORS)
+        async def completions(body: CompletionRequest) -> dict:
+            """OpenAI's (legacy) completion: the prompt is raw text the model continues."""
+            result = await _generate(body.model, body.generation_request(body.prompt), len(body.prompt))
+            return completion(body.model, result)
 
         @app.post("/v1/score", response_model=ScoreResponse, dependencies=auth, responses=_ERRORS)
         async def score(body: ScoreBody) -> dict:

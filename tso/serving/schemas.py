@@ -30,6 +30,7 @@ class GenerateResponse(_Model):
     checkpoint: str
     finish_reasons: list[Literal["stop", "length"]]
     stop_tokens: list[str | None] = Field(description="the token that ended each sample (null: cut by length)")
+    weight_version: int = Field(description="swaps of the deployment's weights before this answer (0: its first)")
     num_tokens: list[int]
     prompt_tokens: int
     seeds: list[int]
@@ -74,13 +75,11 @@ class ModelInfo(_Model):
     version: int | None
     size: float | None
     checkpoint: str = Field(description="the model directory served now")
+    weight_version: int = Field(0, description="swaps of the weights since the replica started")
+    load_error: str | None = Field(None, description="the last swap that failed (the weights before it kept serving)")
     path: str = Field(description="the configured model directory")
     engine: str
     max_context: int
     base: str | None = None
     uncorrected: bool | None = Field(None, description="judge only: true while it serves the base model")
     dimensions: list[str] | None = None
-
-
-class ModelsResponse(_Model):
-    models: list[ModelInfo]
