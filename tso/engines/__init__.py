@@ -1,6 +1,6 @@
-"""Text generation behind one interface (``GenerationEngine``, in ``base``): transformers (every
-test) and vLLM (a thin mapping), each in its own module; ``factory.make_engine(engine_cfg, path)``
-picks one. Imports no ray."""
+"""Text generation behind one interface (``GenerationEngine``, in ``base``): transformers and vLLM
+(its async engine, with in-place weight swaps), each in its own module; ``factory.make_engine(
+engine_cfg, path)`` picks one. Imports no ray."""
 
 from tso.engines.base import (
     ChatFormatError,
