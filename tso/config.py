@@ -272,6 +272,9 @@ class TrainConfig(_Section):
     max_length: int = Field(2048, ge=8, description="Longer prompt+response pairs are reported and skipped.")
     seed: int = 43
     log_every: int = Field(1, ge=1, description="Steps between metric lines.")
+    keep_checkpoints: int = Field(
+        1, ge=1, description="Boundary checkpoints kept per stage (the newest; resume needs only the last)."
+    )
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:
@@ -303,15 +306,53 @@ class EvalConfig(_Section):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=2048))
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
+    """The REST API and the deployments' limits: safe by default (loopback, bounded work, no CORS)."""
+
+    host: str = Field("127.0.0.1", description="Bind address; any non-loopback host requires a token.")
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
-    app_name: str = "tso"
-    auth_token_env: str = Field("TSO_API_TOKEN", description="Bearer token required when this variable is set.")
+    app_name: str | None = Field(
+        None, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Serve app name; default: tso-<name>-run (tso run), tso-<name>-serve (tso serve), "
+        "<run app>-<baseline> for each baseline.",
+    )
+    auth_token_env: str = Field("TSO_API_TOKEN", description="Environment variable holding the bearer token.")
+    auth_token_file: str | None = Field(None, description="File holding the bearer token (a mounted secret).")
+    protect_docs: bool = Field(True, description="With a token, /docs and /openapi.json need it too.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host headers accepted beside localhost, 127.0.0.1, ::1 and serve.host."
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed (CORS off when empty).")
+    log_requests: bool = Field(False, description="Log prompts and answers at INFO (off: only sizes and timings).")
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_field_chars: int = Field(32_000, ge=1)
     max_batch_items: int = Field(64, ge=1)
+    max_new_tokens: int = Field(4096, ge=1, le=32768, description="Most new tokens one sample may ask for.")
+    max_n: int = Field(16, ge=1, le=64, description="Most samples one request may ask for.")
+    max_request_tokens: int = Field(
+        16_384, ge=1, description="Token budget of one request: n x max_new_tokens (score batches: items x dimensions "
+        "x the judge's max_new_tokens)."
+    )
+    request_timeout_s: float = Field(300.0, gt=0, description="An ingress request running longer answers 504.")
+    body_timeout_s: float = Field(30.0, gt=0, description="A request body arriving slower answers 408.")
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests queued per deployment before Serve answers 503 (with Retry-After)."
+    )
+    ingress_replicas: int = Field(2, ge=1, description="Ingress replicas (each a small fraction of a CPU).")
+    call_timeout_s: float = Field(
+        1800.0, gt=0, description="How long a pipeline step waits for one handle call before retrying it."
+    )
+    call_retries: int = Field(
+        3, ge=0, le=20, description="Retries of a handle call whose replica died or was unavailable (backoff 1, 2, 4 s...)."
+    )
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
 
 
 class RunConfig(_Section):
@@ -345,10 +386,18 @@ class RunConfig(_Section):
         p = self.pairs
         return resolve_sources(self.matrix, p.human_weight, p.positive_sources, p.negative_sources)
 
+    def settle_app_name(self, purpose: str) -> str:
+        """Give the Serve app a name of its own when none is configured, so a run, its baselines and a
+        ``tso serve`` of the same config never redeploy (or delete) each other's app on one cluster."""
+        if not self.serve.app_name:
+            self.serve.app_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"tso-{self.name}-{purpose}").strip("-")[:64]
+        return self.serve.app_name
+
     def config_hash(self) -> str:
         from tso.io import json_digest
 
-        return json_digest(self.model_dump(mode="json"))
+        # what the run computes: where and how it is served (ports, tokens, limits) does not change it
+        return json_digest(self.model_dump(mode="json", exclude={"serve"}))
 
     def require_model_dirs(self, source: str = "<config>") -> None:
         """Check local model directories when a step needs them (not at load, so configs validate before

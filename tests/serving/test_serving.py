@@ -421,7 +421,7 @@ def test_registering_a_stage_policy_restarts_no_replica(app, cfg, model_dirs, cl
 
 def test_deployments_yaml_names_a_real_builder_and_the_demo_app(tmp_path, monkeypatch):
     """deployments/demo.yaml parses as a Serve config, its import path is the builder, its app name is the
-    demo config's serve.app_name, and without a built zoo the builder says which model to build how."""
+    one `tso serve builtin:demo` gives its app, and without a built zoo the builder says which model to build how."""
     import importlib
 
     import yaml
@@ -436,7 +436,7 @@ def test_deployments_yaml_names_a_real_builder_and_the_demo_app(tmp_path, monkey
     module, _, attr = app.import_path.partition(":")
     builder = getattr(importlib.import_module(module), attr)
     assert app.args == {"config": "builtin:demo"}
-    assert app.name == load_config(builtin_config_path("demo")).serve.app_name
+    assert app.name == load_config(builtin_config_path("demo")).settle_app_name("serve")
     monkeypatch.setenv("TSO_HOME", str(tmp_path / "empty-home"))
     with pytest.raises(ConfigError, match="tso zoo build"):
         builder(app.args)

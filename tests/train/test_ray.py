@@ -31,7 +31,7 @@ def cfg(tiny_model_dir, tmp_path_factory):
         "run_dir": str(root / "run"),
         "matrix": {"base": "tiny-v0-s1", "models": models},
         "train": {"minibatches": 3, "epochs": 2, "global_batch": 8, "micro_batch": 2, "num_workers": 2,
-                  "zero_stage": 2, "max_length": 256, "seed": 11, "log_every": 6,
+                  "zero_stage": 2, "max_length": 256, "seed": 11, "log_every": 6, "keep_checkpoints": 3,
                   "optimizer": {"lr": 2e-3, "warmup_ratio": 0.1},
                   "loss": {"type": "dual_clip", "beta": 0.1}},
         "judge": {"train": {"lr": 4e-3, "epochs": 15, "global_batch": 16, "micro_batch": 8, "warmup_ratio": 0.05}},

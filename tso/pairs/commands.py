@@ -41,6 +41,7 @@ def _pairs(args) -> int:
         from tso.cluster import connect_ray
         from tso.serving.app import deploy
 
+        cfg.settle_app_name("pairs")
         connect_ray()
         deploy(cfg, checkpoints={"policy": str(Path(args.policy).absolute())} if args.policy else None,
                source=str(path))

@@ -203,6 +203,7 @@ def baseline_config(ref: str, main: RunConfig, run_dir: Path) -> RunConfig:
     name, overrides = method_overrides(ref)
     data = deep_merge(main.model_dump(mode="json"), overrides)
     data.update(name=name, run_dir=str(baseline_run_dir(run_dir, name)), baselines=[])
+    data["serve"]["app_name"] = f"{main.settle_app_name('run')}-{name}"[:64]  # its own app, never the run's
     return parse_config(data, str(resolve_config_ref(ref)))
 
 
@@ -212,6 +213,8 @@ def run_pipeline(
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     timer = Timer()
+    app = cfg.settle_app_name("run")
+    apps = [app]  # the Serve apps this run deploys: the only ones it deletes
     from tso.models.preflight import check_models
 
     check_models(cfg, source)  # every checkpoint, template and stop token, before anything starts
@@ -239,16 +242,19 @@ def run_pipeline(
 
         models = {"base": cfg.matrix.entry(cfg.matrix.base).path}
         models.update({policy_name(t + 1): p for t, p in enumerate(policies)})
-        if with_baselines:
+        if with_baselines and cfg.baselines:
+            from tso.serving.app import delete_app, deploy
+
+            delete_app(app)  # its replicas make room for each baseline's app, then it comes back for evaluation
             for ref in cfg.baselines:
                 bcfg = baseline_config(ref, cfg, run_dir)
                 Path(bcfg.run_dir).mkdir(parents=True, exist_ok=True)
+                apps.append(bcfg.serve.app_name)
                 _, bpolicies = run_stages(bcfg, Path(bcfg.run_dir), timer.scoped(f"baseline {bcfg.name}: "),
                                           prefix=bcfg.name, serve_last=False)
                 models[bcfg.name] = bpolicies[-1]
-                from tso.serving.app import deploy
-
-                timer.run("restore the TSO app", deploy, final_cfg)
+                delete_app(bcfg.serve.app_name)
+            timer.run("restore the TSO app", deploy, final_cfg)
 
         if cfg.eval.prompts:
             from tso.run.evaluate import evaluate
@@ -266,10 +272,12 @@ def run_pipeline(
     finally:
         if keep_serving is False or (keep_serving is None and started_ray):
             import ray
-            from ray import serve
 
-            try:
-                serve.shutdown()
+            from tso.serving.app import delete_app
+
+            try:  # its own apps only: serve.shutdown() would stop every other app on a shared cluster
+                for name in apps:
+                    delete_app(name)
             finally:
                 if started_ray:
                     ray.shutdown()

@@ -195,9 +195,25 @@ def deploy(cfg: RunConfig, blocking: bool = False, *, checkpoints: dict[str, str
     """Start Serve's HTTP proxy on ``cfg.serve.host``:``port`` (default ``cfg.serve.port``) and run the
     app as ``cfg.serve.app_name`` (see ``build_app``). Needs a connected Ray (``ray.init``). Returns the
     ingress handle."""
+    name = cfg.settle_app_name("app")
     app = build_app(cfg, checkpoints=checkpoints, source=source, include=include)
     serve.start(http_options={"host": cfg.serve.host, "port": port or cfg.serve.port})
-    return serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=blocking)
+    return serve.run(app, name=name, route_prefix=cfg.serve.route_prefix, blocking=blocking)
+
+
+def delete_app(name: str) -> None:
+    """Delete one Serve app (its deployments and replicas); other users' apps keep running. Never
+    ``serve.shutdown()``: on a shared cluster that stops everyone's apps and the HTTP proxies."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        running = serve.status().applications
+    except Exception:  # noqa: BLE001 - no Serve controller: nothing to delete
+        return
+    if name in running:
+        serve.delete(name)
 
 
 def served_checkpoints(cfg: RunConfig, include: list[str] | None = None) -> dict[str, str]:

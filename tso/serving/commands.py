@@ -27,15 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args) -> int:
-    from ray import serve
-
     from tso.cluster import connect_ray
     from tso.config import load_config_ref
     from tso.models.preflight import check_models
-    from tso.serving.app import deploy
+    from tso.serving.app import delete_app, deploy
 
     cfg, source = load_config_ref(args.config, args.set)
     check_models(cfg, source)  # before starting anything: a missing model says how to build it
+    cfg.settle_app_name("serve")
     started_here = connect_ray()
     port = args.port or cfg.serve.port
     deploy(cfg, port=port, source=source)
@@ -51,7 +50,7 @@ def _serve(args) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("tso: stopping the app", flush=True)
-        serve.delete(cfg.serve.app_name)
+        delete_app(cfg.serve.app_name)
     return 0
 
 

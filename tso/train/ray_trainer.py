@@ -115,7 +115,7 @@ def _fit(kind: str, job, train, storage: Path, name: str, checkpoint_prefix: str
             name=name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),  # the newest: resume needs no other
             # Train's print patch tees each worker print to its logger and to the worker's (already
             # forwarded) stdout: every progress line reached the job log twice. Prints stay prints.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(env or {})}},
