@@ -61,7 +61,10 @@ def test_a_baseline_is_the_main_config_with_only_its_method_changed(tmp_path):
     assert cfg.judge.chat_template == "{{ messages }}" and cfg.judge.revision == "abc"
     for ref, loss, stages in (("builtin:ipo", "ipo", 1), ("builtin:self_reward", "dpo", 2)):
         b = baseline_config(ref, cfg, tmp_path / "run")
-        assert b.matrix == cfg.matrix and b.judge == cfg.judge and b.eval == cfg.eval and b.serve == cfg.serve
+        assert b.matrix == cfg.matrix and b.judge == cfg.judge and b.eval == cfg.eval
+        # Everything in serve is shared except the app: each baseline has its own, so it never replaces the run's.
+        assert b.serve.model_copy(update={"app_name": cfg.serve.app_name}) == cfg.serve
+        assert b.serve.app_name == f"{cfg.serve.app_name}-{b.name}" != cfg.serve.app_name
         assert (b.seed, b.pairs.max_prompts, b.pairs.prompts, b.train.optimizer.lr) == (7, 5, "/data/p.jsonl", 3e-6)
         assert b.train.loss.type == loss and b.train.minibatches == 1 and b.stages == stages
         assert b.run_dir == str(tmp_path / "run" / "baselines" / b.name) and b.baselines == []
