@@ -467,18 +467,20 @@ def test_deployment_options_follow_the_resource_config():
 
     engine = EngineConfig(max_batch_size=48, torch_threads=2)
     opts = _options("judge", engine, ResourceConfig(num_cpus=0.5, num_gpus=1, num_replicas=3, max_ongoing_requests=8),
-                    {"checkpoint": "/ckpt"})
+                    {"checkpoint": "/ckpt"}, max_queued=100)
     assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
+    assert opts["max_queued_requests"] == 100  # a full deployment refuses (503) instead of queueing without end
+    assert opts["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}  # with Retry-After
     assert opts["max_ongoing_requests"] == 48  # raised to max_batch_size, or batches could never fill
     assert opts["ray_actor_options"]["num_cpus"] == 0.5 and opts["ray_actor_options"]["num_gpus"] == 1
     assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
     assert opts["user_config"] == {"checkpoint": "/ckpt"}
     auto = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
-    opts = _options("judge", engine, ResourceConfig(autoscaling=auto), {"checkpoint": "/ckpt"})
+    opts = _options("judge", engine, ResourceConfig(autoscaling=auto), {"checkpoint": "/ckpt"}, max_queued=100)
     assert opts["autoscaling_config"] == auto and "num_replicas" not in opts
     assert "placement_group_bundles" not in opts and "accelerator_type" not in opts["ray_actor_options"]
     tp = ResourceConfig(num_gpus=0, accelerator_type="H100", placement_group_bundles=[{"CPU": 1, "GPU": 1}, {"GPU": 1}])
-    opts = _options("policy", EngineConfig(kind="vllm", tensor_parallel_size=2), tp, {"checkpoint": "/ckpt"})
+    opts = _options("policy", EngineConfig(kind="vllm", tensor_parallel_size=2), tp, {"checkpoint": "/ckpt"}, 100)
     assert opts["ray_actor_options"]["accelerator_type"] == "H100"
     assert opts["placement_group_bundles"] == [{"CPU": 1, "GPU": 1}, {"GPU": 1}] and opts["placement_group_strategy"] == "PACK"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from tso.engines.base import (
     MAX_NEW_TOKENS_CAP,
@@ -30,6 +30,17 @@ HARD_MESSAGES_CAP = 1024
 PROCESSOR_KEYS = ("request_id", "idx_in_batch")
 
 
+def _integral(value):
+    """JSON Schema's integer includes 3.0: a float with no fraction is that integer (a bool stays a bool)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds):
+    """An integer as JSON means it, also under strict validation (the REST bodies): 3 and 3.0, never
+    true or "3". The bounds come first, so the OpenAPI states them as minimum/maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,7 +51,7 @@ class ChatMessage(_Model):
 
 
 Prompt = (
-    Annotated[str, Field(max_length=HARD_TEXT_CAP)]
+    Annotated[str, Field(min_length=1, max_length=HARD_TEXT_CAP)]
     | Annotated[list[ChatMessage], Field(min_length=1, max_length=HARD_MESSAGES_CAP)]
 )
 PROMPT_DESCRIPTION = "A string, or a chat: a list of {role, content} messages rendered with the model's chat template."
@@ -50,12 +61,12 @@ class GenerationRequest(_Model):
     """One generation request; a sampling field left out takes the caller's default."""
 
     prompt: Prompt = Field(description=PROMPT_DESCRIPTION)
-    n: int = Field(1, ge=1, le=MAX_SAMPLES, description="samples to draw")
+    n: json_int(ge=1, le=MAX_SAMPLES) = Field(1, description="samples to draw")
     temperature: float | None = Field(None, ge=0, le=5, description="0 is greedy decoding")
     top_p: float | None = Field(None, gt=0, le=1)
-    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CAP)
-    seed: int | None = Field(
-        None, ge=0, le=SEED_MAX,
+    max_new_tokens: json_int(ge=1, le=MAX_NEW_TOKENS_CAP) | None = None
+    seed: json_int(ge=0, le=SEED_MAX) | None = Field(
+        None,
         description="the same seed gives the same text whatever other requests share the batch",
     )
 

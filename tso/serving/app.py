@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,17 @@ from ray.serve import Application
 
 from tso.config import ConfigError, RunConfig, is_hub_id, load_config_ref
 from tso.models.checkpoint import checkpoint_options, judge_options
+from tso.serving.auth import allowed_hosts, require_token_for, resolve_token, token_digest
 from tso.serving.client import JUDGE, POLICY, ServeClient, deployment_name
 from tso.serving.deployments import JudgeServer, ModelServer
-from tso.serving.ingress import Ingress, token_digest
+from tso.serving.ingress import RETRY_AFTER_S, Ingress
 
 logger = logging.getLogger(__name__)
 
 INGRESS_NUM_CPUS = 0.1
 INGRESS_MAX_ONGOING = 1024
+#: a request Serve's proxy refuses for a full queue (of the ingress itself) gets 503 and Retry-After too
+BACKPRESSURE = {"status_code": 503, "retry_after_s": RETRY_AFTER_S}
 
 
 def deployment_names(cfg: RunConfig) -> list[str]:
@@ -72,7 +74,7 @@ def _with_version(deployment, version: str):
         return deployment
 
 
-def _options(name: str, engine, resources, user_config: dict) -> dict:
+def _options(name: str, engine, resources, user_config: dict, max_queued: int) -> dict:
     actor = {
         "num_cpus": resources.num_cpus,
         "num_gpus": resources.num_gpus,
@@ -88,6 +90,8 @@ def _options(name: str, engine, resources, user_config: dict) -> dict:
         # a batch can only be as large as the requests a replica accepts at once
         "max_ongoing_requests": max(resources.max_ongoing_requests, engine.max_batch_size),
         "user_config": user_config,
+        "max_queued_requests": max_queued,  # beyond it Serve refuses (a 503 at the REST edge), never queues without end
+        "backpressure_config": BACKPRESSURE,
         "health_check_period_s": 10,
         "health_check_timeout_s": 120,  # a health check waits for the running batch (deployments.py)
         "graceful_shutdown_timeout_s": 30,
@@ -121,9 +125,11 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
     directory each should serve now (its ``user_config``); by default each serves its configured path
     (the policy: the base model's). ``include`` limits the app to some of those deployments (e.g.
     ``["judge"]`` for a scoring-only service); the ingress is always there and answers 404 for a model
-    it does not serve. The bearer token is read from the environment variable named by
-    ``cfg.serve.auth_token_env`` now, in the building process; only its SHA-256 reaches the replicas.
+    it does not serve. The bearer token is read now, in the building process, from
+    ``serve.auth_token_file`` or the ``serve.auth_token_env`` variable (``tso.serving.auth``: a
+    non-loopback ``serve.host`` without one refuses to build); only its SHA-256 reaches the replicas.
     """
+    token = resolve_token(cfg.serve, source)
     names = deployment_names(cfg)
     wanted = set(names if include is None else include)
     unknown = (set(checkpoints or {}) | wanted) - set(names)
@@ -147,7 +153,7 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
                       options=checkpoint_options(m))
         state = dict(checkpoint=checkpoints.get(dep, m.path), path=m.path, role=roles[m.name], version=m.version,
                      base=cfg.matrix.base, base_path=base.path)
-        d = serve.deployment(ModelServer).options(**_options(dep, m.engine, m.resources, state))
+        d = serve.deployment(ModelServer).options(**_options(dep, m.engine, m.resources, state, cfg.serve.max_queued_requests))
         models[m.name] = _with_version(d, _version(dep, kwargs)).bind(**kwargs)
 
     policy = None
@@ -156,7 +162,8 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
                       size=base.size, options=checkpoint_options(base))
         state = dict(checkpoint=checkpoints.get("policy", base.path), path=base.path, role="policy", version=None,
                      base=base.name, base_path=base.path)
-        d = serve.deployment(ModelServer).options(**_options("policy", base.engine, base.resources, state))
+        d = serve.deployment(ModelServer).options(
+            **_options("policy", base.engine, base.resources, state, cfg.serve.max_queued_requests))
         policy = _with_version(d, _version("policy", kwargs)).bind(**kwargs)
 
     judge = None
@@ -172,22 +179,35 @@ def build_app(cfg: RunConfig, checkpoints: dict[str, str] | None = None, source:
                       options=judge_options(cfg))
         state = dict(checkpoint=checkpoints.get("judge", judge_path), path=judge_path, role="judge", version=None,
                      base=base.name, base_path=base.path)
-        d = serve.deployment(JudgeServer).options(**_options("judge", judge_cfg.engine, judge_cfg.resources, state))
+        d = serve.deployment(JudgeServer).options(**_options("judge", judge_cfg.engine, judge_cfg.resources, state,
+                                                       cfg.serve.max_queued_requests))
         judge = _with_version(d, _version("judge", kwargs)).bind(**kwargs)
         if uncorrected:
             logger.warning("judge.path is not set: serving the base model %s as the uncorrected judge", base.path)
 
-    token = os.environ.get(cfg.serve.auth_token_env) or None
-    limits = {"max_body_bytes": cfg.serve.max_body_bytes, "max_field_chars": cfg.serve.max_field_chars,
-              "max_batch_items": cfg.serve.max_batch_items}
+    limits = ingress_limits(cfg, judge_served=judge is not None)
     digest = token_digest(token) if token else None
     ingress = serve.deployment(Ingress).options(
-        name="ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        name="ingress", num_replicas=cfg.serve.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        max_queued_requests=cfg.serve.max_queued_requests, backpressure_config=BACKPRESSURE,
         ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
     )
     ingress = _with_version(ingress, _version("ingress", sorted(wanted), limits, digest, cfg.name))
     return ingress.bind(models=models, policy=policy, judge=judge, limits=limits, token_sha256=digest,
                         title=cfg.name, base=cfg.matrix.base)
+
+
+def ingress_limits(cfg: RunConfig, judge_served: bool = True) -> dict[str, Any]:
+    """What the ingress enforces and states in its OpenAPI: serve.* limits, and the facts it needs to
+    count a request's tokens (the default max_new_tokens, the judge's dimensions and answer length)."""
+    s = cfg.serve
+    limits = s.model_dump(include={"max_body_bytes", "max_field_chars", "max_batch_items", "max_new_tokens", "max_n",
+                                   "max_request_tokens", "request_timeout_s", "body_timeout_s", "protect_docs",
+                                   "cors_origins", "log_requests"})
+    limits.update(allowed_hosts=allowed_hosts(s), default_max_new_tokens=cfg.pairs.sampling.max_new_tokens,
+                  judge_max_new_tokens=cfg.judge.sampling.max_new_tokens, judge_dimensions=list(cfg.judge.dimensions),
+                  judge_rubrics=sorted(cfg.judge.rubrics) if judge_served else None)
+    return limits
 
 
 def deploy(cfg: RunConfig, blocking: bool = False, *, checkpoints: dict[str, str] | None = None,
@@ -198,7 +218,18 @@ def deploy(cfg: RunConfig, blocking: bool = False, *, checkpoints: dict[str, str
     name = cfg.settle_app_name("app")
     app = build_app(cfg, checkpoints=checkpoints, source=source, include=include)
     serve.start(http_options={"host": cfg.serve.host, "port": port or cfg.serve.port})
+    host, _ = bound_address()  # serve.start keeps a proxy someone else started: check what it binds
+    require_token_for(host, resolve_token(cfg.serve, source) is not None, source)
     return serve.run(app, name=name, route_prefix=cfg.serve.route_prefix, blocking=blocking)
+
+
+def bound_address() -> tuple[str, int]:
+    """Where Serve's HTTP proxies really listen: the cluster's Serve settings, which are the first
+    ``serve.start``'s (a later one with other options changes nothing)."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    return http.host, http.port
 
 
 def delete_app(name: str) -> None:
@@ -255,4 +286,9 @@ def app_from_config(args: dict[str, Any]) -> Application:
     if unknown:
         raise ValueError(f"unknown args {sorted(unknown)} (have: config, checkpoints)")
     cfg, source = load_config_ref(str(args.get("config", "builtin:demo")))
+    try:  # the Serve config's http_options decide where the app is reachable, not the run config
+        host, _ = bound_address()
+    except Exception:  # noqa: BLE001 - built outside a cluster with Serve running: the run config's host
+        host = cfg.serve.host
+    require_token_for(host, resolve_token(cfg.serve, source) is not None, f"{source} (served on {host})")
     return build_app(cfg, checkpoints=args.get("checkpoints"), source=source)

@@ -30,17 +30,22 @@ def _serve(args) -> int:
     from tso.cluster import connect_ray
     from tso.config import load_config_ref
     from tso.models.preflight import check_models
-    from tso.serving.app import delete_app, deploy
+    from tso.serving.app import bound_address, delete_app, deploy
+    from tso.serving.auth import resolve_token
 
     cfg, source = load_config_ref(args.config, args.set)
+    token = resolve_token(cfg.serve, source)  # fail closed before anything starts: a public host needs a token
     check_models(cfg, source)  # before starting anything: a missing model says how to build it
     cfg.settle_app_name("serve")
     started_here = connect_ray()
-    port = args.port or cfg.serve.port
-    deploy(cfg, port=port, source=source)
-    host = cfg.serve.host
-    print(f"tso: app {cfg.serve.app_name!r} is running: http://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
-          f"/docs (deployments: {', '.join(_names(cfg))})", flush=True)
+    deploy(cfg, port=args.port or cfg.serve.port, source=source)
+    host, port = bound_address()
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
+    print(f"tso: app {cfg.serve.app_name!r} is running at {url} (docs: {url}/docs"
+          f"{', bearer token required' if token else ''}; deployments: {', '.join(_names(cfg))})", flush=True)
+    if (host, port) != (cfg.serve.host, args.port or cfg.serve.port):
+        print(f"tso: note: Serve was already running on this cluster and binds {host}:{port}, "
+              f"not the configured {cfg.serve.host}:{args.port or cfg.serve.port}", flush=True)
     if not (args.blocking or started_here):
         return 0
     if started_here and not args.blocking:

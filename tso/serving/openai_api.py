@@ -17,12 +17,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tso.engines.base import MAX_NEW_TOKENS_CAP, MAX_SAMPLES, SEED_MAX
-from tso.engines.requests import HARD_TEXT_CAP, ChatMessage
+from tso.engines.requests import HARD_TEXT_CAP, ChatMessage, json_int
 
 #: OpenAI request keys tso cannot honour: (value that means "off", why)
 UNSUPPORTED = {
     "stream": (False, "streaming is not supported: send stream=false"),
-    "logprobs": (None, "log-probabilities are not returned"),
+    "logprobs": (False, "log-probabilities are not returned"),
     "top_logprobs": (None, "log-probabilities are not returned"),
     "tools": (None, "tool calls are not supported"),
     "tool_choice": (None, "tool calls are not supported"),
@@ -34,23 +34,46 @@ UNSUPPORTED = {
 }
 
 
-class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+def _is_off(value, off) -> bool:
+    """None, or the off value with its JSON type (``false`` is not the number 0, nor 0 false)."""
+    if value is None:
+        return True
+    if isinstance(off, bool) or isinstance(value, bool):
+        return value is off
+    return isinstance(value, (int, float)) and value == off
 
-    model: str = Field(max_length=128, description="a matrix model's name, or 'policy'")
-    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CAP)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CAP)
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # as tso's own bodies (tso.serving.schemas)
+
+    model: str = Field(min_length=1, max_length=128, description="a matrix model's name, or 'policy'")
+    max_tokens: json_int(ge=1, le=MAX_NEW_TOKENS_CAP) | None = None
+    max_completion_tokens: json_int(ge=1, le=MAX_NEW_TOKENS_CAP) | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_SAMPLES)
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    n: json_int(ge=1, le=MAX_SAMPLES) = 1
+    seed: json_int(ge=0, le=SEED_MAX) | None = None
+    # OpenAI keys tso cannot honour: in the schema with the one value they may take ("off")
+    stream: Literal[False] | None = Field(None, description=UNSUPPORTED["stream"][1])
+    logprobs: Literal[False] | None = Field(None, description=UNSUPPORTED["logprobs"][1])
+    top_logprobs: None = Field(None, description=UNSUPPORTED["top_logprobs"][1])
+    tools: None = Field(None, description=UNSUPPORTED["tools"][1])
+    tool_choice: None = Field(None, description=UNSUPPORTED["tool_choice"][1])
+    stop: None = Field(None, description=UNSUPPORTED["stop"][1])
+    presence_penalty: float | None = Field(None, ge=0, le=0, description=UNSUPPORTED["presence_penalty"][1])
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description=UNSUPPORTED["frequency_penalty"][1])
+    logit_bias: None = Field(None, description=UNSUPPORTED["logit_bias"][1])
+    response_format: None = Field(None, description=UNSUPPORTED["response_format"][1])
 
-    @model_validator(mode="after")
-    def _supported(self):
-        for key, value in (self.model_extra or {}).items():
-            if key in UNSUPPORTED and value not in (UNSUPPORTED[key][0], None):
-                raise ValueError(f"{key}: {UNSUPPORTED[key][1]}")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, data):
+        """Say why (the field's own error would only say which value it wants)."""
+        if isinstance(data, dict):
+            for key, (off, why) in UNSUPPORTED.items():
+                if not _is_off(data.get(key), off):
+                    raise ValueError(f"{key}: {why}")
+        return data
 
     def generation_request(self, prompt) -> dict:
         """tso's generation request (model left out): the handle-level format of the deployments."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tso.engines.requests import GenerationRequest, _Model
 from tso.serving.judge import ScoreRequest
@@ -18,10 +18,16 @@ from tso.serving.judge import ScoreRequest
 HARD_ITEMS_CAP = 4096
 
 
+#: REST bodies are strict: JSON `false` is not the integer 0, nor "3" the number 3 (the OpenAPI says so)
+STRICT = ConfigDict(strict=True)
+
+
 class GenerateBody(GenerationRequest):
     """POST /v1/generate."""
 
-    model: str = Field(max_length=128, description="a matrix model's name, or 'policy'")
+    model_config = STRICT
+
+    model: str = Field(min_length=1, max_length=128, description="a matrix model's name, or 'policy'")
 
 
 class GenerateResponse(_Model):
@@ -38,6 +44,8 @@ class GenerateResponse(_Model):
 
 class ScoreBody(ScoreRequest):
     """POST /v1/score."""
+
+    model_config = STRICT
 
 
 class DimensionScore(_Model):
@@ -61,6 +69,8 @@ class ScoreResponse(_Model):
 class ScoreBatchBody(_Model):
     """POST /v1/score/batch (at most serve.max_batch_items items)."""
 
+    model_config = STRICT
+
     items: list[ScoreBody] = Field(min_length=1, max_length=HARD_ITEMS_CAP)
 
 
@@ -83,3 +93,25 @@ class ModelInfo(_Model):
     base: str | None = None
     uncorrected: bool | None = Field(None, description="judge only: true while it serves the base model")
     dimensions: list[str] | None = None
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class FieldError(_Model):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, as data: a code, a sentence, and the limit or the field when there is one."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    detail: ErrorDetail | list[FieldError] | str
