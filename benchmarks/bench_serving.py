@@ -102,11 +102,11 @@ def build_model_dir(root: Path) -> Path:
     return save_model_dir(random_tiny_llama(tok, seed=0), tok, root / "tiny-judge-random")
 
 
-def run_config(model_dir: str, args, max_batch_size: int, run_dir: str):
+def run_config(model_dir: str, args, max_batch_size: int, run_dir: str, generate_on: str = "thread"):
     from tso.config import parse_config
 
     engine = {"kind": "transformers", "torch_threads": 1, "max_batch_size": max_batch_size,
-              "batch_wait_timeout_s": args.batch_wait_s if max_batch_size > 1 else 0.0}
+              "batch_wait_timeout_s": args.batch_wait_s if max_batch_size > 1 else 0.0, "generate_on": generate_on}
     resources = {"num_cpus": 0.25, "max_ongoing_requests": max(64, args.max_batch_size)}
     return parse_config({
         "run_dir": run_dir,
@@ -127,10 +127,14 @@ def _request(i: int) -> dict:
 
 
 async def run_level(url: str, clients: int, n_requests: int, procs: dict | None = None) -> dict:
-    """``clients`` workers send ``n_requests`` score requests in total, each waiting for its answer."""
+    """``clients`` workers send ``n_requests`` score requests in total, each waiting for its answer; a
+    probe asks ``GET /v1/models`` (each deployment's ``info``) every 0.2 s meanwhile, as a dashboard or a
+    health check would: how long a cheap call waits behind generation."""
     import httpx
 
     latencies: list[float] = []
+    probes: list[float] = []
+    running = True
     errors = 0
     next_i = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -149,9 +153,22 @@ async def run_level(url: str, clients: int, n_requests: int, procs: dict | None 
                 if r.status_code != 200:
                     errors += 1
 
+        async def probe():
+            async with httpx.AsyncClient(base_url=url, timeout=300) as p:
+                while running:
+                    t = time.perf_counter()
+                    await p.get("/v1/models")
+                    probes.append(time.perf_counter() - t)
+                    await asyncio.sleep(0.2)
+
+        async def load():
+            nonlocal running
+            await asyncio.gather(*(worker() for _ in range(clients)))
+            running = False
+
         cpu_before = cpu_seconds(procs or {})
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
+        await asyncio.gather(load(), probe())
         wall = time.perf_counter() - start
         cpu_after = cpu_seconds(procs or {})
     lat = sorted(latencies)
@@ -164,6 +181,9 @@ async def run_level(url: str, clients: int, n_requests: int, procs: dict | None 
         "latency_p50_ms": round(1000 * statistics.median(lat), 2),
         "latency_p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
         "latency_mean_ms": round(1000 * statistics.fmean(lat), 2),
+        "info_probes": len(probes),
+        "info_latency_p50_ms": round(1000 * statistics.median(probes), 2) if probes else None,
+        "info_latency_max_ms": round(1000 * max(probes), 2) if probes else None,
         # CPU time each process on the request path spent per request (where the time goes)
         "cpu_ms_per_request": {k: round(1000 * (cpu_after[k] - cpu_before[k]) / n_requests, 2) for k in cpu_before},
     }
@@ -200,7 +220,8 @@ def measure(cfg, args, levels: list[int], label: str) -> dict:
         res["judge_max_batch_rows"] = stats["max_batch_requests"]
         out["levels"][str(clients)] = res
         print(f"[{label}] {clients:>3} clients: {res['throughput_rps']:8.2f} req/s  p50 {res['latency_p50_ms']:8.1f} ms"
-              f"  p99 {res['latency_p99_ms']:8.1f} ms  mean batch {res['judge_mean_batch_rows']}", flush=True)
+              f"  p99 {res['latency_p99_ms']:8.1f} ms  mean batch {res['judge_mean_batch_rows']}"
+              f"  info p50 {res['info_latency_p50_ms']} ms max {res['info_latency_max_ms']} ms", flush=True)
     return out
 
 
@@ -225,6 +246,8 @@ def main(argv=None) -> dict:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         try:
             on = measure(run_config(model_dir, args, args.max_batch_size, tmp), args, levels, "batching on")
+            on_loop = measure(run_config(model_dir, args, args.max_batch_size, tmp, "event_loop"), args, levels,
+                              "batching on, event loop")
             off = measure(run_config(model_dir, args, 1, tmp), args, levels, "batching off")
         finally:
             serve.delete(APP)
@@ -233,6 +256,7 @@ def main(argv=None) -> dict:
                 ray.shutdown()
     top = str(max(levels))
     ratio = on["levels"][top]["throughput_rps"] / off["levels"][top]["throughput_rps"]
+    thread_ratio = on["levels"][top]["throughput_rps"] / on_loop["levels"][top]["throughput_rps"]
     result = {
         "benchmark": "serving_rest_score",
         "claim": "REST scoring with Serve batching >= 5x the throughput of batch size 1 at 32 concurrent clients",
@@ -249,19 +273,24 @@ def main(argv=None) -> dict:
             "load_generator": "httpx.AsyncClient in the benchmark process (shares the cores), loopback",
         },
         "baseline": "batching_off",
-        "configurations": {"batching_on": on, "batching_off": off},
+        "configurations": {"batching_on": on, "batching_on_event_loop": on_loop, "batching_off": off},
         "load_average_at_end": list(os.getloadavg()),
         "ratio_clients": int(top),
         "ratio_on_over_off": round(ratio, 3),
         "target_ratio": 5.0,
         "meets_target": ratio >= 5.0,
+        # engine.generate_on: the default (a generation thread) against generating on the event loop
+        "thread_over_event_loop": round(thread_ratio, 3),
+        "info_p50_ms_thread_vs_event_loop": [on["levels"][top]["info_latency_p50_ms"],
+                                             on_loop["levels"][top]["info_latency_p50_ms"]],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(out.name + ".tmp")
     tmp_out.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp_out, out)
-    print(f"batching on / off at {top} clients: {ratio:.2f}x (target 5x) -> {out}", flush=True)
+    print(f"batching on / off at {top} clients: {ratio:.2f}x (target 5x); generation thread / event loop: "
+          f"{thread_ratio:.2f}x -> {out}", flush=True)
     return result
 
 

@@ -49,6 +49,10 @@ class EngineConfig(_Section):
     torch_threads: int = Field(1, ge=1, le=256, description="torch threads per replica (replicas share the cores).")
     max_batch_size: int = Field(16, ge=1, le=1024, description="Serve batching: requests generated together.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Serve batching: wait for a fuller batch.")
+    generate_on: Literal["thread", "event_loop"] = Field(
+        "thread", description="transformers engine: where a batch is generated. thread: health checks, info and "
+        "swaps answer during a long generation; event_loop: they wait for it (tiny models batch better).",
+    )
     max_model_len: int | None = Field(None, ge=16, description="Context limit; default: the model config's.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM on GPU: the share of GPU memory it takes.")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="vLLM: GPUs one model is split over.")
@@ -275,6 +279,31 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(
         1, ge=1, description="Boundary checkpoints kept per stage (the newest; resume needs only the last)."
     )
+    storage_path: str | None = Field(
+        None, description="Ray Train's checkpoint storage: an absolute path every node mounts, or a URI "
+        "(s3://bucket/prefix, gs://..., file:///...); each training directory gets its own subdirectory. "
+        "Default: <training dir>/ray.",
+    )
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="Extra Ray resources each Train worker asks for, e.g. {trainer_node: 1} to pin training "
+        "to the nodes started with that resource; CPU: 1 (GPU: 1 with use_gpu) unless given.",
+    )
+
+    @field_validator("storage_path")
+    @classmethod
+    def _shared_storage(cls, v: str | None) -> str | None:
+        # every node resolves it alike: a relative path or ~ would name a different place on each
+        if v is not None and "://" not in v and not os.path.isabs(v):
+            raise ValueError(f"{v!r} is neither an absolute path nor a URI such as s3://bucket/prefix")
+        return v
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        bad = {k: n for k, n in (v or {}).items() if n < 0 or not k}
+        if bad:
+            raise ValueError(f"resource amounts must be >= 0 with a name, got {bad}")
+        return v
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:

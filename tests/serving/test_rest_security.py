@@ -282,3 +282,27 @@ def test_schemathesis_finds_no_failures(app, tmp_path):
         env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-6000:]
+
+
+def test_info_and_stats_answer_while_a_long_generation_runs(app):
+    """engine.generate_on=thread (the default): the replica's event loop stays free during a batch."""
+    import threading
+
+    from ray import serve
+
+    small = serve.get_deployment_handle("model-small", APP)
+    before = small.stats.remote().result()["batches"]
+    done = threading.Event()
+    long = small.generate.remote({"prompt": "tell me a long story", "n": 16, "max_new_tokens": 900, "seed": 1})
+    threading.Thread(target=lambda: (long.result(timeout_s=300), done.set()), daemon=True).start()
+    deadline = time.monotonic() + 120
+    while small.stats.remote().result(timeout_s=30)["batches"] == before:  # the batch has started
+        assert time.monotonic() < deadline and not done.is_set()
+        time.sleep(0.05)
+    info = small.info.remote().result(timeout_s=30)
+    answered_during = not done.is_set()
+    assert info["name"] == "small"
+    assert done.wait(300)
+    assert answered_during, "info waited for the generation to finish"
+    assert max(long.result()["num_tokens"]) > 100  # it was a long generation
+

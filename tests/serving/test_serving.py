@@ -497,3 +497,29 @@ def test_build_app_checks_names_and_directories(tmp_path):
     cfg.matrix.models[0].path = str(tmp_path / "gone")
     with pytest.raises(ValueError, match="no model directory"):
         build_app(cfg, include=["judge"])
+
+
+def test_judge_replica_killed_under_load_every_request_is_answered(app, cfg):
+    """kill -9 of the judge's replica while 16 clients score: Serve starts a new one, the ingress sends
+    the calls the dead replica held again, and all 16 get their 200 with the scores a quiet run gives."""
+    import signal
+
+    from ray import serve
+
+    items = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(2)]
+    with httpx.Client(base_url=URL, timeout=300) as c:
+        quiet = c.post("/v1/score/batch", json={"items": items}).json()
+    victim = [serve.get_deployment_handle("judge", APP).info.remote().result()["pid"]]
+    before = replicas(cfg)["judge"]
+
+    async def load():
+        async with httpx.AsyncClient(base_url=URL, timeout=300) as c:
+            calls = [asyncio.create_task(c.post("/v1/score/batch", json={"items": items})) for _ in range(16)]
+            await asyncio.sleep(0.3)  # the requests are in flight
+            await asyncio.get_running_loop().run_in_executor(None, os.kill, victim[0], signal.SIGKILL)
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(load())
+    assert [r.status_code for r in answers] == [200] * 16, [(r.status_code, r.text[:200]) for r in answers]
+    assert all(r.json() == quiet for r in answers)  # greedy, seeded: the same scores as before the kill
+    assert replicas(cfg)["judge"] != before  # it was a new replica that answered

@@ -3,11 +3,13 @@ hot-swap, checkpoints and resume, metrics, plot, judge SFT. Real tiny models, re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -59,9 +61,39 @@ def pairs_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_policy(tmp_path_factory, pairs_file, tiny_model_dir):
-    """The default run (K=3, E=2, reference = policy, DPO), shared by several tests."""
+    """The default run (K=3, E=2, reference = policy, DPO), shared by several tests; it keeps all
+    three boundary checkpoints."""
     out = tmp_path_factory.mktemp("run") / "policy_mode"
-    return train_policy_local(_job(_train(), pairs_file, tiny_model_dir, out), log=None)
+    return train_policy_local(_job(_train(keep_checkpoints=3), pairs_file, tiny_model_dir, out), log=None)
+
+
+class Crash(Exception):
+    """What a killed process leaves behind, without killing the test: the loop stops mid-step."""
+
+
+@contextlib.contextmanager
+def crash_at_step(n: int):
+    """The loop's n-th optimizer step (counted over the whole attempt) raises ``Crash``."""
+    import tso.train.minibatch as mb
+
+    real_train_step = mb.train_step
+    calls = {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Crash()
+        return real_train_step(*args, **kwargs)
+
+    mb.train_step = crashing_step
+    try:
+        yield
+    finally:
+        mb.train_step = real_train_step
+
+
+def _names(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
 
 
 # ----------------------------------------------------------------------------- data
@@ -201,29 +233,10 @@ def test_frozen_copy_reference_gives_the_same_training(tmp_path, run_policy, pai
 def test_resume_after_failure_matches_uninterrupted_run_without_redoing_minibatches(tmp_path, run_policy, pairs_file,
                                                                                    tiny_model_dir):
     """Stop the run in mini-batch 3, resume from the boundary-2 checkpoint, end with the same weights."""
-    import tso.train.minibatch as mb
-
     out = tmp_path / "resumed"
     job = _job(_train(), pairs_file, tiny_model_dir, out)
-
-    class Crash(Exception):
-        pass
-
-    real_train_step = mb.train_step
-    calls = {"n": 0}
-
-    def crashing_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 15:  # mini-batch 3 has steps 13..18
-            raise Crash()
-        return real_train_step(*args, **kwargs)
-
-    mb.train_step = crashing_step
-    try:
-        with pytest.raises(Crash):
-            train_policy_local(job, log=None)
-    finally:
-        mb.train_step = real_train_step
+    with crash_at_step(15), pytest.raises(Crash):  # mini-batch 3 has steps 13..18
+        train_policy_local(job, log=None)
     assert not (out / "policy").exists()
     res = train_policy_local(job, log=None)  # picks up checkpoints/stage1_boundary_02
     assert res.summary["resumed_from"] == 2
@@ -235,6 +248,64 @@ def test_resume_after_failure_matches_uninterrupted_run_without_redoing_minibatc
     assert _max_diff(_weights(Path(run_policy.policy_dir)), _weights(Path(res.policy_dir))) < 1e-6
     lineage = json.loads((Path(res.policy_dir) / "lineage.json").read_text())
     assert lineage["stage"] == 1 and lineage["base"] == str(tiny_model_dir) and lineage["data"] == str(pairs_file)
+
+
+def test_keep_checkpoints_one_keeps_only_the_last_boundary_and_resumes_from_it(tmp_path, run_policy, pairs_file,
+                                                                              tiny_model_dir, monkeypatch):
+    """keep_checkpoints = 1: one boundary checkpoint on disk at any time, enough to resume to the same
+    weights. Checkpoints are written under the output directory, never the system temp dir, and a
+    worker clears what a killed attempt of its rank left there."""
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))  # where tempfile.mkdtemp() would write
+    out = tmp_path / "keep1"
+    job = _job(_train(keep_checkpoints=1), pairs_file, tiny_model_dir, out)
+    with crash_at_step(15), pytest.raises(Crash):
+        train_policy_local(job, log=None)
+    ckpts = out / "checkpoints"
+    assert _names(ckpts) == ["stage1_boundary_02"] and _names(out / ".tmp") == []
+    # what kill -9 during a boundary save leaves: this rank's scratch copy, another rank's, a half copy
+    for name in ("tso-boundary3-rank0-killed", "tso-boundary3-rank1-other"):
+        (out / ".tmp" / name / "engine").mkdir(parents=True)
+    (ckpts / ".stage1_boundary_03.tmp-99999" / "policy").mkdir(parents=True)
+
+    res = train_policy_local(job, log=None)
+    assert res.summary["resumed_from"] == 2
+    assert _names(ckpts) == ["stage1_boundary_03"] and res.checkpoints == [str(ckpts / "stage1_boundary_03")]
+    assert _max_diff(_weights(Path(run_policy.policy_dir)), _weights(Path(res.policy_dir))) < 1e-6
+    assert _names(out / ".tmp") == ["tso-boundary3-rank1-other"]  # rank 0's leftover removed, rank 1's its own
+    assert [p.name for p in system_tmp.iterdir() if p.name.startswith("tso-")] == []
+
+
+def test_rng_state_round_trips_exactly_and_loads_with_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    from tso.train.checkpoint import load_rng, rng_state, save_rng, set_rng_state
+
+    def draws():
+        return (torch.rand(4).tolist(), np.random.standard_normal(3).tolist(), np.random.randint(0, 10**6, 3).tolist(),
+                random.gauss(0, 1), random.random(), random.getrandbits(64))
+
+    outer = rng_state()
+    try:
+        torch.manual_seed(3), np.random.seed(4), random.seed(5)
+        np.random.standard_normal(), random.gauss(0, 1)  # both now hold a cached Gaussian in their state
+        path = save_rng(tmp_path / "rng" / "rank0.pt")
+        expected = draws()
+        assert draws() != expected
+        load_rng(path)
+        assert draws() == expected
+        state = torch.load(path, weights_only=True)
+        assert isinstance(state["numpy"]["keys"], torch.Tensor) and state["numpy"]["has_gauss"] == 1
+        assert isinstance(state["python"]["state"], torch.Tensor) and state["python"]["gauss_next"] is not None
+        old = tmp_path / "old.pt"  # what an older tso wrote: numpy's tuple with an ndarray, pickled
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}, old)
+        with pytest.raises(ValueError, match="does not load with weights_only=True"):
+            load_rng(old)
+    finally:
+        set_rng_state(outer)
 
 
 def test_resume_refuses_a_checkpoint_from_different_pairs(tmp_path, run_policy, pairs_file, tiny_model_dir):
@@ -349,6 +420,29 @@ def test_judge_sft_loss_is_answer_tokens_only_and_falls(tmp_path, tiny_model_dir
 
 def rows_by_id(rows):
     return {r["id"]: r for r in rows}
+
+
+def test_judge_checkpoints_go_to_its_work_dir_and_are_removed_after_reporting(tmp_path, tiny_model_dir, monkeypatch):
+    from tso.train.judge_sft import JudgeJob, run_judge_worker
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    fb = write_jsonl(toy_feedback(16, seed=2), tmp_path / "fb.jsonl")
+    t = _train(global_batch=8, micro_batch=8, epochs=2, max_length=320, optimizer={"lr": 1e-3, "warmup_ratio": 0.0})
+    work = tmp_path / "judge_train"
+    job = JudgeJob(train=t.model_dump(mode="json"), feedback_path=str(fb), base_path=str(tiny_model_dir),
+                   out_dir=str(tmp_path / "judge"), work_dir=str(work), backend="torch")
+    seen = []
+
+    def report(metrics, ckpt):
+        if ckpt is not None:
+            seen.append((metrics["boundary"], Path(ckpt).parent, _names(Path(ckpt))))
+
+    summary = run_judge_worker(job, report=report, log=None)
+    files = ["engine", "policy", "rng", "tso_state.json"]
+    assert summary["steps"] == 4 and seen == [(1, work / ".tmp", files), (2, work / ".tmp", files)]
+    assert _names(work / ".tmp") == [] and [p for p in system_tmp.iterdir() if p.name.startswith("tso-")] == []
 
 
 # ----------------------------------------------------------------------------- DeepSpeed in one process

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tso.commands import add_set_argument
-from tso.io import pairs_dir
+from tso.io import RunDirLocked, lock_if_under, pairs_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,26 +28,34 @@ def _pairs(args) -> int:
 
     from tso.config import load_config_ref
     from tso.models.preflight import check_models
-    from tso.pairs.pipeline import form_pairs_step
 
     cfg, path = load_config_ref(args.config, args.set)
     check_models(cfg, path)
     out = Path(args.out or pairs_dir(cfg.run_dir, args.stage)).absolute()
-    if args.local:
-        from tso.serving.client import InProcessClient
-
-        res = form_pairs_step(cfg, args.stage, out, client=InProcessClient(cfg, policy_path=args.policy),
-                              batch_size=args.batch_size)
-    else:
-        from tso.cluster import connect_ray
-        from tso.serving.app import deploy
-
-        cfg.settle_app_name("pairs")
-        connect_ray()
-        deploy(cfg, checkpoints={"policy": str(Path(args.policy).absolute())} if args.policy else None,
-               source=str(path))
-        res = form_pairs_step(cfg, args.stage, out, app_name=cfg.serve.app_name, batch_size=args.batch_size,
-                              concurrency=args.concurrency)
+    try:
+        with lock_if_under(out, cfg.run_dir, f"tso pairs --stage {args.stage} ({out})"):
+            res = _form(cfg, args, path, out)
+    except RunDirLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(res["summary"], indent=2))
     print(f"pairs: {res['pairs_path']}\nsummary: {res['summary_path']}\nrejects: {res['rejects_path']}")
     return 0
+
+
+def _form(cfg, args, path, out: Path) -> dict:
+    from tso.pairs.pipeline import form_pairs_step
+
+    if args.local:
+        from tso.serving.client import InProcessClient
+
+        return form_pairs_step(cfg, args.stage, out, client=InProcessClient(cfg, policy_path=args.policy),
+                               batch_size=args.batch_size)
+    from tso.cluster import connect_ray
+    from tso.serving.app import deploy
+
+    cfg.settle_app_name("pairs")
+    connect_ray()
+    deploy(cfg, checkpoints={"policy": str(Path(args.policy).absolute())} if args.policy else None, source=str(path))
+    return form_pairs_step(cfg, args.stage, out, app_name=cfg.serve.app_name, batch_size=args.batch_size,
+                           concurrency=args.concurrency)

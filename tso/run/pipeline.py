@@ -1,9 +1,10 @@
 """`tso run`: judge correction (stage 0), then T stages of pair formation, mini-batch iterative DPO
 and registration of the new policy in the matrix, then evaluation and the report.
 
-Every step writes its artifacts atomically under the run directory and is skipped when they are
-already there, so running the same command again after an interruption resumes after the last
-completed step. Layout of a run directory:
+Every step writes its artifacts atomically under the run directory and is skipped when its
+done-marker is there and agrees with its artifacts (tso.run.markers), so running the same command
+again after an interruption resumes after the last completed step. One process runs a run directory
+at a time (``.tso.lock``). Layout of a run directory:
 
     run.json, config.yaml       what ran (config hash, phase timings, status)
     judge/                      the corrected judge (stage 0), judge_train/ its metrics
@@ -16,14 +17,14 @@ completed step. Layout of a run directory:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from tso.cluster import connect_ray
 from tso.config import ModelEntry, RunConfig, deep_merge, dump_config, method_overrides, parse_config, resolve_config_ref
-from tso.io import atomic_write_json, atomic_write_text, baseline_run_dir, eval_dir, judge_dir, pairs_dir, train_dir
+from tso.io import atomic_write_json, atomic_write_text, baseline_run_dir, eval_dir, judge_dir, pairs_dir, run_dir_lock, train_dir
 from tso.models.checkpoint import OPTION_KEYS, checkpoint_options, derived_options
+from tso.run.markers import judge_done, pairs_done, read_json_marker, training_done
 
 
 class Timer:
@@ -103,10 +104,6 @@ def register_policy(cfg: RunConfig, stage: int, policy_dir: str, prefix: str = "
 # ----------------------------------------------------------------------------- the steps
 
 
-def _done(path: Path) -> bool:
-    return path.is_file()
-
-
 JUDGE_KINDS = {
     "configured": "the configured judge.path,",
     "corrected": "the base model fine-tuned on judge.feedback at stage 0, by evaluation correction,",
@@ -121,7 +118,7 @@ def judge_phase(cfg: RunConfig, run_dir: Path, timer: Timer) -> tuple[str, str]:
         return cfg.judge.path, "configured"
     base = cfg.matrix.entry(cfg.matrix.base).path
     judge = judge_dir(run_dir)
-    if _done(judge / "config.json") and _done(run_dir / "judge_train" / "summary.json"):
+    if judge_done(judge, run_dir / "judge_train"):
         print(f"[tso] judge: done before ({judge})")
         return str(judge), "corrected"
     if not cfg.judge.feedback:
@@ -146,7 +143,7 @@ def settle_judge(cfg: RunConfig, path: str, kind: str) -> None:
 
 def pairs_phase(cfg: RunConfig, stage: int, out_dir: Path, timer: Timer) -> Path:
     summary = out_dir / "summary.json"
-    if _done(summary):
+    if pairs_done(out_dir):
         print(f"[tso] stage {stage} pairs: done before ({out_dir})")
         return out_dir / "pairs.parquet"
     from tso.pairs.pipeline import form_pairs_step
@@ -162,7 +159,7 @@ def pairs_phase(cfg: RunConfig, stage: int, out_dir: Path, timer: Timer) -> Path
 
 def training_phase(cfg: RunConfig, stage: int, pairs: Path, base_path: str, out_dir: Path, timer: Timer) -> str:
     policy = out_dir / "policy"
-    if _done(policy / "lineage.json") and _done(out_dir / "summary.json"):
+    if training_done(out_dir):
         print(f"[tso] stage {stage} training: done before ({policy})")
         return str(policy)
     from tso.train.ray_trainer import train_policy
@@ -207,11 +204,33 @@ def baseline_config(ref: str, main: RunConfig, run_dir: Path) -> RunConfig:
     return parse_config(data, str(resolve_config_ref(ref)))
 
 
+def check_run_dir(run_dir: Path, config_hash: str) -> None:
+    """Refuse a run directory that holds a run of another config, before anything in it is written."""
+    previous = run_dir / "run.json"
+    if not previous.exists():
+        return
+    old = read_json_marker(previous)
+    if old is None:
+        raise RuntimeError(f"{previous} is unreadable, so which config {run_dir} holds cannot be told: use a new "
+                           "run_dir, or delete run.json to resume this one with this config")
+    if old.get("config_hash") not in (None, config_hash):
+        raise RuntimeError(
+            f"{run_dir} holds a run of another config (hash {old['config_hash']} != {config_hash}): "
+            "use a new run_dir or restore the config"
+        )
+
+
 def run_pipeline(
     cfg: RunConfig, source: str = "<config>", *, with_baselines: bool = True, keep_serving: bool | None = None
 ) -> dict:
+    """The whole run, holding the run directory's lock (one process writes a run directory at a time)."""
+    with run_dir_lock(cfg.run_dir, f"tso run {source}"):
+        return _run_pipeline(cfg, source, with_baselines=with_baselines, keep_serving=keep_serving)
+
+
+def _run_pipeline(cfg: RunConfig, source: str, *, with_baselines: bool, keep_serving: bool | None) -> dict:
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir, cfg.config_hash())  # first: a refused run_dir keeps every file as it was
     timer = Timer()
     app = cfg.settle_app_name("run")
     apps = [app]  # the Serve apps this run deploys: the only ones it deletes
@@ -222,13 +241,6 @@ def run_pipeline(
     meta = {"name": cfg.name, "config_hash": cfg.config_hash(), "seed": cfg.seed, "stages": cfg.stages,
             "loss": cfg.train.loss.type, "source": source, "status": "running", "started": time.time()}
     previous = run_dir / "run.json"
-    if previous.is_file():
-        old = json.loads(previous.read_text())
-        if old.get("config_hash") not in (None, meta["config_hash"]):
-            raise RuntimeError(
-                f"{run_dir} holds a run of another config (hash {old['config_hash']} != {meta['config_hash']}): "
-                "use a new run_dir or restore the config"
-            )
     atomic_write_json(previous, meta)
 
     started_ray = connect_ray()
@@ -260,7 +272,7 @@ def run_pipeline(
             from tso.run.evaluate import evaluate
             from tso.serving.client import ServeClient
 
-            timer.run("evaluation", evaluate, cfg, models, eval_dir(run_dir), ServeClient(cfg.serve.app_name))
+            timer.run("evaluation", evaluate, cfg, models, eval_dir(run_dir), ServeClient.from_config(cfg))
         meta.update(status="done", timings=timer.phases, finished=time.time(), policies=policies,
                     verifier=cfg.eval.verifier)
         atomic_write_json(previous, meta)

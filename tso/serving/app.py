@@ -93,7 +93,7 @@ def _options(name: str, engine, resources, user_config: dict, max_queued: int) -
         "max_queued_requests": max_queued,  # beyond it Serve refuses (a 503 at the REST edge), never queues without end
         "backpressure_config": BACKPRESSURE,
         "health_check_period_s": 10,
-        "health_check_timeout_s": 120,  # a health check waits for the running batch (deployments.py)
+        "health_check_timeout_s": 120,  # with engine.generate_on=event_loop it waits for the running batch
         "graceful_shutdown_timeout_s": 30,
     }
     if resources.accelerator_type:

@@ -51,9 +51,8 @@ only; the replica and the other requests of its batch carry on.
 
 Batching: concurrent requests (each judge dimension is one) are gathered by ``@serve.batch``
 (``engine.max_batch_size``, ``engine.batch_wait_timeout_s``; ``max_ongoing_requests`` is raised to at
-least ``max_batch_size``) and generated in one engine call on the replica's event loop; requests
-arriving meanwhile queue in Serve and form the next batch (see ``_generate_batch`` for why not a
-thread).
+least ``max_batch_size``) and generated in one engine call on the replica's generation thread (or its
+event loop: ``engine.generate_on``); requests arriving meanwhile queue in Serve and form the next batch.
 
 Hot-swap: ``user_config={"checkpoint": "<model dir>", ...}`` (``tso.serving.app.swap_checkpoint``); the
 other keys (configured path, role, matrix version, base) change when a stage registers a new policy,
@@ -62,8 +61,10 @@ also without a restart.
 loads a second copy on a thread and switches in one assignment (a batch that started before runs on
 the old weights, every later batch on the new ones); the vLLM engine reloads in place between
 requests (``tso.engines.vllm``). Each result reports the checkpoint and ``weight_version`` that
-produced it. A swap that fails leaves the old weights serving and says why in ``info()["load_error"]``
-(raising would restart the replica into the same failure); ``swap_checkpoint`` checks what is served.
+produced it. A new checkpoint of another architecture, or whose tensors miss or change shape, is
+refused before it is loaded (``swap_problem``). A swap that fails leaves the old weights serving and
+says why in ``info()["load_error"]`` (raising would restart the replica into the same failure);
+``swap_checkpoint`` checks what is served.
 
 Engines that batch by themselves (vLLM: ``engine.is_async``) get each request as it arrives
 (continuous batching); the transformers engine gets ``@serve.batch`` batches.
@@ -73,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -107,6 +109,7 @@ class ModelServer:
         self.engine = None
         self.load_error: str | None = None  # the last swap that failed (the old weights kept serving)
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{deployment}-load")
+        self._generate_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{deployment}-generate")
         self._generate_batch.set_max_batch_size(self.engine_cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.engine_cfg.batch_wait_timeout_s)
         self._stats = _BatchStats()
@@ -136,15 +139,19 @@ class ModelServer:
                         self.engine.max_context)
             return
         if checkpoint == self.engine.checkpoint:
+            self.load_error = None  # what is configured is what serves: an earlier failed swap is no longer pending
             return
         logger.info("%s: loading %s (serving %s meanwhile)", self.deployment, checkpoint, self.engine.checkpoint)
         try:
-            if self.engine.is_async:
+            if self.engine.is_async:  # the vLLM engine checks the new checkpoint itself
                 await self.engine.aload(checkpoint)
             else:
+                problem = swap_problem(self.engine.checkpoint, checkpoint)
+                if problem:
+                    raise ValueError(problem)
                 await asyncio.get_running_loop().run_in_executor(self._load_pool, self.engine.load, checkpoint)
         except Exception as e:  # keep serving the old weights: raising here would restart the replica into the same failure
-            self.load_error = f"{checkpoint}: {e}"
+            self.load_error = str(e) if str(e).startswith(checkpoint) else f"{checkpoint}: {e}"
             logger.error("%s: could not load %s, still serving %s: %s", self.deployment, checkpoint,
                          self.engine.checkpoint, e)
             return
@@ -158,15 +165,16 @@ class ModelServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, items: list[tuple[list[int], SamplingParams]]) -> list:
-        """One engine call for a Serve batch, run on this replica's event loop (blocking it).
+        """One engine call for a Serve batch, on this replica's generation thread (``engine.generate_on``).
 
-        Requests that arrive meanwhile queue in Serve and form the next batch. On a worker thread
-        the generation loop (Python-heavy for small models) starved request intake of the GIL and
-        ``@serve.batch`` kept forming small batches: measured on 2 CPU cores, 3-4x smaller batches
-        and about 1.5x lower throughput than this. The cost: ``info``/``stats``/health checks wait
-        for the running batch (``health_check_timeout_s`` is set with that in mind)."""
+        One thread, so batches run one at a time as before; the event loop stays free for health
+        checks, ``info``, ``stats``, swaps and request intake while a long batch runs. ``event_loop``
+        runs it on the loop instead: for tiny, Python-bound models the generation thread holds the GIL
+        so much that intake slows and batches shrink (docs/serving.md has the measurements)."""
         self._stats.record(len(items), sum(p.n for _, p in items))
-        return self._run(items)
+        if self.engine_cfg.generate_on == "event_loop":
+            return self._run(items)
+        return await asyncio.get_running_loop().run_in_executor(self._generate_pool, self._run, items)
 
     def _run(self, items: list) -> list:
         """A request at fault fails alone: the others of its batch still get their answers."""
@@ -223,6 +231,7 @@ class ModelServer:
             "max_context": self.engine.max_context,
             "base": self.base,
             "replica": self.replica,
+            "pid": os.getpid(),  # for an operator (or a fault test) who must find the process
             "batching": {"max_batch_size": self.engine_cfg.max_batch_size,
                          "batch_wait_timeout_s": self.engine_cfg.batch_wait_timeout_s},
         }
@@ -270,6 +279,22 @@ class JudgeServer(ModelServer):
         out.update(dimensions=self.scorer.dimensions,
                    uncorrected=self.base_path is not None and self.engine.checkpoint == self.base_path)
         return out
+
+
+def swap_problem(served: str, new: str) -> str | None:
+    """Why ``new`` must not replace ``served`` in the transformers engine (None: no reason known).
+    ``from_pretrained`` accepts a directory of another architecture whose tensors only partly fit it
+    (the rest initialised at random, with a warning), so the checks of the vLLM swap apply here too:
+    same architecture, every served tensor present with its shape. Only local safetensors directories
+    can be compared; anything else is left to the load."""
+    from pathlib import Path
+
+    from tso.config import is_hub_id
+    from tso.engines.vllm import swap_problem as problem
+
+    if any(is_hub_id(p) or not any(Path(p).glob("*.safetensors")) for p in (served, new)):
+        return None
+    return problem(served, new)
 
 
 async def _gather(*calls, return_exceptions: bool) -> list[dict]:

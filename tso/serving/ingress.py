@@ -78,6 +78,7 @@ _ERRORS = {
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()}
 GET_ERRORS = {s: ERRORS[s] for s in (400, 401, 503, 504)}
 RETRY_AFTER_S = 1
+RESEND_AFTER_S = (0.5, 2.0)  # a call whose replica died is sent again after these pauses, then 503
 
 
 class ASCIIJSONResponse(JSONResponse):
@@ -141,21 +142,31 @@ class Ingress:
 
     async def _call(self, send, what: str):
         """``send()``'s handle call within the request timeout; Serve's and the replica's failures as
-        answers (Serve may refuse a call when it is sent or when it is awaited)."""
-        response = None
-        try:
-            response = send()
-            return await asyncio.wait_for(response, self.timeout_s)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise HTTPException(504, detail={"error": "timeout", "limit_s": self.timeout_s,
-                                             "message": f"{what} took longer than {self.timeout_s:g} s"}) from None
-        except EngineInputError:
-            raise
-        except BackPressureError:
-            raise _unavailable(f"{what}: the deployment's queue is full") from None
-        except (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError) as e:
-            raise _unavailable(f"{what}: no live replica ({type(e).__name__})") from None
+        answers (Serve may refuse a call when it is sent or when it is awaited). A call whose replica
+        died under it is sent again (``RESEND``): Serve routes it to a live or restarted replica, and
+        a seeded request gets the same answer."""
+        deadline = time.monotonic() + self.timeout_s
+        for attempt in range(len(RESEND_AFTER_S) + 1):
+            response = None
+            try:
+                response = send()
+                return await asyncio.wait_for(response, max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                if response is not None:
+                    response.cancel()
+                raise HTTPException(504, detail={"error": "timeout", "limit_s": self.timeout_s,
+                                                 "message": f"{what} took longer than {self.timeout_s:g} s"}) from None
+            except EngineInputError:
+                raise
+            except BackPressureError:
+                raise _unavailable(f"{what}: the deployment's queue is full") from None
+            except DeploymentUnavailableError as e:
+                raise _unavailable(f"{what}: no live replica ({type(e).__name__})") from None
+            except (ReplicaUnavailableError, RayActorError) as e:
+                if attempt == len(RESEND_AFTER_S) or time.monotonic() + RESEND_AFTER_S[attempt] >= deadline:
+                    raise _unavailable(f"{what}: no live replica ({type(e).__name__})") from None
+                logger.warning("%s: its replica failed (%s), sending it again", what, type(e).__name__)
+                await asyncio.sleep(RESEND_AFTER_S[attempt])
 
     def _check_generation(self, request: dict, chars: int) -> dict:
         """serve.max_n, serve.max_new_tokens and the request's token budget; the default filled in."""

@@ -5,17 +5,20 @@ A checkpoint directory holds
   rank 0, one optimizer partition per rank; or one torch file for the plain backend);
 - ``policy/``: the policy at this boundary as a Hugging Face model directory (rank 0), so a separate
   process can load it with ``from_pretrained``;
-- ``rng/rank<r>.pt``: each rank's RNG states;
+- ``rng/rank<r>.pt``: each rank's RNG states, as tensors and plain numbers (it loads with
+  ``torch.load(weights_only=True)``: resuming never unpickles code);
 - ``reference_next.json``: the reference log-probs of the next mini-batch, computed by this policy;
 - ``tso_state.json``: boundary index, optimizer step, stage, and what the run was (pairs digest, K,
   world size, config hash), so a resume with different inputs is refused instead of mixed.
-Every rank writes its own files into its own directory; Ray Train merges them into one.
+Every rank writes its own files into its own directory (under the output directory's ``.tmp/``,
+never the system temp dir); Ray Train merges them into one.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ CHECKPOINT_STATE_DIR = "engine"  # the backend's own checkpoint (DeepSpeed engin
 
 STATE_FILE = "tso_state.json"
 REFERENCE_FILE = "reference_next.json"
+SCRATCH_DIR = ".tmp"  # each worker's boundary checkpoint before it is reported, inside the output directory
 
 
 @dataclass
@@ -45,7 +49,17 @@ class ResumeState:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors, ints, floats and strings only, so that the file loads
+    with ``torch.load(weights_only=True)`` (numpy's state is a tuple holding an ndarray, python's a tuple)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -53,10 +67,40 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n, p = state["numpy"], state["python"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng(path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), path)
+    return path
+
+
+def load_rng(path: str | Path) -> None:
+    """Restore the RNG states of ``save_rng``; a file an older tso pickled (numpy arrays, tuples) is
+    refused rather than unpickled."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle errors have no common base
+        raise ValueError(f"{path}: RNG state does not load with weights_only=True (written by an older tso?); "
+                         f"resume from an earlier stage or delete the checkpoints to start the stage again: {e}") from None
+    set_rng_state(state)
+
+
+def scratch_dir(out_dir: str | Path, rank: int) -> Path:
+    """Where this worker writes its boundary checkpoints before reporting them: ``<out_dir>/.tmp``,
+    emptied of this rank's leftovers, which only a killed earlier attempt leaves behind."""
+    root = Path(out_dir) / SCRATCH_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(f"tso-*-rank{rank}-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return root
 
 
 def save_boundary(backend: TrainBackend, path: str | Path, *, boundary: int, step: int, stage: int,
@@ -65,8 +109,7 @@ def save_boundary(backend: TrainBackend, path: str | Path, *, boundary: int, ste
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     backend.save(path / CHECKPOINT_STATE_DIR)
-    (path / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), path / "rng" / f"rank{dist.rank()}.pt")
+    save_rng(path / "rng" / f"rank{dist.rank()}.pt")
     weights = backend.full_state_dict()  # a collective under ZeRO-3
     if dist.rank() == 0:
         save_hf_model(backend.module, path / "policy", tokenizer, state_dict=weights)
@@ -110,7 +153,7 @@ def load_boundary(backend: TrainBackend, path: str | Path, expect: dict[str, Any
     backend.load(path / CHECKPOINT_STATE_DIR)
     rng_file = path / "rng" / f"rank{dist.rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        load_rng(rng_file)
     ref = read_reference(path)
     reference = ref[1] if ref and ref[0] == state["boundary"] + 1 else None
     return ResumeState(boundary=state["boundary"], step=state["step"], stage=state["stage"], reference=reference,

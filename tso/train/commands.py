@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tso.commands import add_set_argument
+from tso.io import RunDirLocked, lock_if_under
 from tso.models.checkpoint import absolute_checkpoint
 
 
@@ -53,18 +54,20 @@ def _train(args) -> int:
 
     cfg, _ = load_config_ref(args.config, args.set)
     try:
-        if args.local:
-            base, name = (args.base, None) if args.base else base_model_path(cfg)
-            out = Path(args.out or default_policy_out(cfg, args.stage)).absolute()
-            preflight_policy(cfg.train, args.pairs, base, args.stage, base_options(cfg))
-            job = PolicyJob(train=cfg.train.model_dump(mode="json"), pairs_path=str(Path(args.pairs).absolute()),
-                            base_path=absolute_checkpoint(base), out_dir=str(out), stage=args.stage, base_name=name,
-                            config_hash=cfg.config_hash(), backend=args.backend, options=base_options(cfg))
-            result = train_policy_local(job)
-        else:
-            result = train_policy(cfg, args.pairs, args.base, args.out, args.stage, backend=args.backend,
-                                  max_failures=args.max_failures)
-    except (FileNotFoundError, ValueError) as e:
+        out = Path(args.out or default_policy_out(cfg, args.stage)).absolute()
+        with lock_if_under(out, cfg.run_dir, f"tso train --stage {args.stage} ({out})"):
+            if args.local:
+                base, name = (args.base, None) if args.base else base_model_path(cfg)
+                preflight_policy(cfg.train, args.pairs, base, args.stage, base_options(cfg))
+                job = PolicyJob(train=cfg.train.model_dump(mode="json"), pairs_path=str(Path(args.pairs).absolute()),
+                                base_path=absolute_checkpoint(base), out_dir=str(out), stage=args.stage,
+                                base_name=name, config_hash=cfg.config_hash(), backend=args.backend,
+                                options=base_options(cfg))
+                result = train_policy_local(job)
+            else:
+                result = train_policy(cfg, args.pairs, args.base, out, args.stage, backend=args.backend,
+                                      max_failures=args.max_failures)
+    except (FileNotFoundError, ValueError, RunDirLocked) as e:
         return _fail(e)
     s = result.summary
     print(f"policy:  {result.policy_dir}")
@@ -82,22 +85,24 @@ def _train_judge(args) -> int:
 
     cfg, _ = load_config_ref(args.config, args.set)
     try:
-        if args.local:
-            feedback = args.feedback or cfg.judge.feedback
-            if not feedback:
-                raise ValueError("no feedback file: pass --feedback or set judge.feedback in the config")
-            base, name = (args.base, None) if args.base else base_model_path(cfg)
-            out = Path(args.out or default_judge_out(cfg)).absolute()
-            job = JudgeJob(train=judge_train_config(cfg).model_dump(mode="json"),
-                           feedback_path=str(Path(feedback).absolute()), base_path=absolute_checkpoint(base),
-                           out_dir=str(out), work_dir=str(out.with_name(out.name + "_train")),
-                           config_hash=cfg.config_hash(), base_name=name, max_examples=cfg.judge.train.max_examples,
-                           backend=args.backend, options=base_options(cfg))
-            summary = train_judge_local(job)
-        else:
-            summary = train_judge(cfg, args.feedback, args.out, args.base, backend=args.backend,
-                                  max_failures=args.max_failures)
-    except (FileNotFoundError, ValueError) as e:
+        out = Path(args.out or default_judge_out(cfg)).absolute()
+        with lock_if_under(out, cfg.run_dir, f"tso train-judge ({out})"):
+            if args.local:
+                feedback = args.feedback or cfg.judge.feedback
+                if not feedback:
+                    raise ValueError("no feedback file: pass --feedback or set judge.feedback in the config")
+                base, name = (args.base, None) if args.base else base_model_path(cfg)
+                job = JudgeJob(train=judge_train_config(cfg).model_dump(mode="json"),
+                               feedback_path=str(Path(feedback).absolute()), base_path=absolute_checkpoint(base),
+                               out_dir=str(out), work_dir=str(out.with_name(out.name + "_train")),
+                               config_hash=cfg.config_hash(), base_name=name,
+                               max_examples=cfg.judge.train.max_examples, backend=args.backend,
+                               options=base_options(cfg))
+                summary = train_judge_local(job)
+            else:
+                summary = train_judge(cfg, args.feedback, out, args.base, backend=args.backend,
+                                      max_failures=args.max_failures)
+    except (FileNotFoundError, ValueError, RunDirLocked) as e:
         return _fail(e)
     print(f"judge:   {summary['judge_dir']}")
     print(f"metrics: {summary['metrics']}")

@@ -18,7 +18,7 @@ from tso.config import RunConfig, TrainConfig
 from tso.io import atomic_write_text
 from tso.train import dist
 from tso.train.backend import make_backend
-from tso.train.checkpoint import load_boundary
+from tso.train.checkpoint import load_boundary, scratch_dir
 from tso.train.export import lineage_record, save_hf_model
 from tso.train.feedback import read_feedback
 from tso.train.metrics import MetricsLog
@@ -75,7 +75,8 @@ def run_judge_worker(job: JudgeJob, report=None, resume_dir: str | Path | None =
         resume = load_boundary(backend, resume_dir, {"examples": len(examples), "kind": "judge_sft", "stage": 0})
     metrics = MetricsLog(work / METRICS_FILE, enabled=rank == 0)
     res = run_sft(backend, examples, train, pad_id=tokenizer.pad_token_id, report=report, resume=resume,
-                  metrics=metrics, tokenizer=tokenizer, checkpoints=checkpoints, log=log)
+                  metrics=metrics, tokenizer=tokenizer, checkpoints=checkpoints, log=log,
+                  scratch_dir=scratch_dir(work, rank) if checkpoints else None)
     weights = backend.full_state_dict()
     if rank != 0:
         dist.barrier()

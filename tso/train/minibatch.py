@@ -9,7 +9,8 @@
 
 Each worker trains on its slice of every optimizer step. ``report(metrics, checkpoint_dir | None)`` is
 called on every worker after every step (no checkpoint) and at each boundary (with this worker's
-checkpoint directory, deleted when ``report`` returns, and the mini-batch's mean metrics): the Ray
+checkpoint directory, written under ``scratch_dir`` and deleted when ``report`` returns, and the
+mini-batch's mean metrics): the Ray
 wrapper forwards the boundary reports to ``ray.train.report``. ``resume`` (from
 ``checkpoint.load_boundary``) restarts after boundary k.
 """
@@ -68,8 +69,12 @@ def plan_stage(num_pairs: int, train: TrainConfig, stage: int = 0) -> StagePlan:
     return StagePlan(minis, [len(m) // train.global_batch for m in minis], train.epochs)
 
 
+# settings that change neither the training nor its checkpoints: a resume may change them
+NOT_HASHED = {"keep_checkpoints", "log_every"}
+
+
 def train_config_hash(train: TrainConfig) -> str:
-    return json_digest(train.model_dump(mode="json"))
+    return json_digest(train.model_dump(mode="json", exclude=NOT_HASHED))
 
 
 def checkpoint_meta(pairs: Sequence[TokenizedPair], train: TrainConfig, stage: int) -> dict[str, Any]:
@@ -160,7 +165,9 @@ def run_minibatch_dpo(
     log: Callable[[str], None] | None = print,
     pad_to_multiple_of: int | None = None,
 ) -> LoopResult:
-    """Train one stage. Every worker calls this with the same ``pairs`` (id-sorted) and config."""
+    """Train one stage. Every worker calls this with the same ``pairs`` (id-sorted) and config.
+    Boundary checkpoints go to ``scratch_dir`` (workers pass ``checkpoint.scratch_dir(out_dir, rank)``;
+    None is the system temp dir, for callers without an output directory)."""
     _mode_ok(train, ref_module)
     t_start = time.perf_counter()
     plan = plan or plan_stage(len(pairs), train, stage)

@@ -2,7 +2,8 @@
 
 The loss is the mean negative log-likelihood of the answer tokens (the end token included); the
 prompt is context only. E epochs over the examples in a seeded order per epoch, sharded over
-workers like policy training, with a checkpoint after each epoch for resuming. No ray here.
+workers like policy training, with a checkpoint after each epoch for resuming (written under
+``scratch_dir``, the worker's ``<work_dir>/.tmp``). No ray here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,8 +62,10 @@ def sft_total_steps(n: int, train: TrainConfig) -> int:
 
 def run_sft(backend: TrainBackend, examples: Sequence[SFTExample], train: TrainConfig, *, pad_id: int,
             report=None, resume: ResumeState | None = None, metrics: MetricsLog | None = None, tokenizer=None,
-            checkpoints: bool = True, log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """E epochs over the examples (seeded order per epoch), a checkpoint after each epoch."""
+            checkpoints: bool = True, log: Callable[[str], None] | None = print,
+            scratch_dir: str | Path | None = None) -> dict[str, Any]:
+    """E epochs over the examples (seeded order per epoch), a checkpoint after each epoch (in
+    ``scratch_dir``; None is the system temp dir)."""
     rank, world = dist.rank(), dist.world_size()
     G, E = train.global_batch, train.epochs
     per_epoch = len(examples) // G
@@ -94,7 +98,7 @@ def run_sft(backend: TrainBackend, examples: Sequence[SFTExample], train: TrainC
                 report(record, None)
         ckpt = None
         if checkpoints:
-            ckpt = tempfile.mkdtemp(prefix=f"tso-judge-epoch{e + 1}-rank{rank}-")
+            ckpt = tempfile.mkdtemp(prefix=f"tso-judge-epoch{e + 1}-rank{rank}-", dir=scratch_dir)
             save_boundary(backend, ckpt, boundary=e + 1, step=step, stage=0, next_reference=None, meta=meta,
                           tokenizer=tokenizer)
         boundary = {"kind": "boundary", "stage": 0, "boundary": e + 1, "epochs": E, "step": step,

@@ -12,7 +12,9 @@ Output layout of ``out_dir``:
     training.png       rewards, margin, gradient scale over steps with mini-batch boundaries
     rejects.json       pairs left out (too long for train.max_length, malformed), with ids
     summary.json       what was trained, how fast, where everything is
-    checkpoints/       boundary checkpoints (the in-process runner; Ray keeps them under ray/)
+    checkpoints/       boundary checkpoints, the newest train.keep_checkpoints (the in-process runner;
+                       Ray keeps them under ray/)
+    .tmp/              each worker's boundary checkpoint until it is reported (empty between boundaries)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tso.io import atomic_write_text, replace_dir
 from tso.models.chat import stop_token_ids
 from tso.train import dist
 from tso.train.backend import make_backend
-from tso.train.checkpoint import load_boundary
+from tso.train.checkpoint import load_boundary, scratch_dir
 from tso.train.data import read_pairs, tokenize_pairs
 from tso.train.export import lineage_record, save_hf_model
 from tso.train.metrics import MetricsLog
@@ -137,7 +139,8 @@ def run_policy_worker(job: PolicyJob, report=None, resume_dir: str | Path | None
     metrics = MetricsLog(out / METRICS_FILE, enabled=rank == 0)
     res = run_minibatch_dpo(backend, pairs, train, pad_id=tokenizer.pad_token_id, stage=job.stage, plan=plan,
                             report=report, resume=resume, ref_module=ref_module, metrics=metrics,
-                            tokenizer=tokenizer, checkpoints=checkpoints, log=log)
+                            tokenizer=tokenizer, checkpoints=checkpoints, log=log,
+                            scratch_dir=scratch_dir(out, rank) if checkpoints else None)
     weights = backend.full_state_dict()
     if rank != 0:
         dist.barrier()
@@ -170,11 +173,19 @@ def run_policy_worker(job: PolicyJob, report=None, resume_dir: str | Path | None
 # ----------------------------------------------------------------------------- in-process runner
 
 
-class LocalCheckpoints:
-    """The in-process ``report``: keeps each boundary checkpoint under ``out_dir/checkpoints``."""
+def boundary_number(path: Path) -> int:
+    return int(path.name.rsplit("_", 1)[1])
 
-    def __init__(self, root: Path, log=None):
-        self.root, self.log, self.saved = root, log, []
+
+class LocalCheckpoints:
+    """The in-process ``report``: keeps the newest ``keep`` boundary checkpoints of a stage under
+    ``out_dir/checkpoints`` (as Ray Train's ``num_to_keep`` does), deleting an older one only once the
+    new one is complete. Copies a killed attempt left half-done are removed when it starts."""
+
+    def __init__(self, root: Path, log=None, keep: int = 1):
+        self.root, self.log, self.keep, self.saved = root, log, keep, []
+        for old in [*root.glob(".*.tmp-*"), *root.glob(".*.old-*")]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def __call__(self, metrics: dict[str, Any], ckpt_dir: str | None) -> None:
         if ckpt_dir is None:
@@ -185,9 +196,26 @@ class LocalCheckpoints:
         shutil.copytree(ckpt_dir, tmp)
         replace_dir(tmp, final)
         self.saved.append(str(final))
+        self.prune(metrics["stage"], metrics["boundary"])
+
+    def boundaries(self, stage: int) -> list[Path]:
+        """The stage's complete checkpoints, oldest first (by boundary number, not by name)."""
+        return sorted(self.root.glob(f"stage{stage}_boundary_*"), key=boundary_number)
+
+    def prune(self, stage: int, newest: int) -> None:
+        """Keep ``newest`` and the ``keep - 1`` boundaries before it; each older one is moved aside
+        first, so a kill while deleting never leaves a half-deleted checkpoint under a good name."""
+        older = [b for b in self.boundaries(stage) if boundary_number(b) < newest]
+        for old in older[: max(0, len(older) - (self.keep - 1))]:
+            aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(old, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            if str(old) in self.saved:
+                self.saved.remove(str(old))
 
     def latest(self, stage: int) -> Path | None:
-        found = sorted(self.root.glob(f"stage{stage}_boundary_*"))
+        found = self.boundaries(stage)
         return found[-1] if found else None
 
 
@@ -196,7 +224,7 @@ def train_policy_local(job: PolicyJob, resume: bool = True, log: Callable[[str],
     """Run a stage in this process (one worker; DeepSpeed or plain torch), resuming from the latest
     boundary checkpoint in ``out_dir/checkpoints`` when there is one."""
     out = Path(job.out_dir)
-    store = LocalCheckpoints(out / "checkpoints", log)
+    store = LocalCheckpoints(out / "checkpoints", log, keep=job.train_config.keep_checkpoints)
     latest = store.latest(job.stage) if resume else None
     summary = run_policy_worker(job, report=store, resume_dir=latest, log=log, checkpoints=checkpoints)
     return TrainResult(str(out), summary["policy_dir"], summary["metrics"], summary["plot"], summary, store.saved)
