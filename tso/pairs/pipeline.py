@@ -13,11 +13,19 @@ left out and its side is drawn again from the same mixture (a keyed redraw, at m
 ``pairs.max_redraws`` times), with ``keep`` it is used and trained without an end-of-turn token.
 A request that fails inside a deployment (an input error) costs its source for that row: the side
 is redrawn from the other sources, and a row left without a pair is a reject naming the source.
+
+Resume: each finished batch's results are journaled under ``<out_dir>/.journal/`` (one file per
+batch, written atomically) with a digest of what decides them (the config without its serving
+settings, the stage, the prompts file's bytes, the weights each deployment serves). A step started
+again with the same digest forms pairs only for the prompts not journaled yet, and its outputs equal
+an uninterrupted run's (timings aside); a journal of another digest is removed. The journal is
+removed once summary.json is written.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +34,7 @@ from pathlib import Path
 from tso.method.pairing import Candidate, PairRules, form_pairs, tries_self_pair
 from tso.method.sources import HUMAN, Mixtures, draw_source, row_rng, row_seed
 from tso.pairs.prompts import as_chat
-from tso.serving.client import POLICY, ModelClient
+from tso.serving.client import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, POLICY, ModelClient
 
 #: counts of form_pairs that are not pair kinds
 NO_PAIR_KEYS = ("filtered", "no_positive", "no_negative", "no_self_pair")
@@ -240,17 +248,18 @@ def form_batch(job: PairJob, rows: list[dict], client: ModelClient) -> list[dict
 
 
 class _RayPairFormer:
-    """Ray Data map_batches UDF: one ServeClient per actor, reused across batches."""
+    """Ray Data map_batches UDF: one ServeClient per actor, reused across batches. A batch's results
+    come back as one row, so the driver journals whole batches."""
 
-    def __init__(self, job: PairJob, app_name: str):
+    def __init__(self, job: PairJob, app_name: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 retries: int = DEFAULT_RETRIES):
         from tso.serving.client import ServeClient
 
-        self.job, self.client = job, ServeClient(app_name)
+        self.job, self.client = job, ServeClient(app_name, timeout_s=timeout_s, retries=retries)
 
     def __call__(self, batch: dict) -> dict:
         rows = [json.loads(r) for r in batch["row_json"]]
-        results = form_batch(self.job, rows, self.client)
-        return {"id": [r["id"] for r in results], "result_json": [json.dumps(r) for r in results]}
+        return {"batch_json": [json.dumps(form_batch(self.job, rows, self.client))]}
 
 
 def _to_dataset_rows(rows: list[dict]) -> list[dict]:
@@ -260,25 +269,28 @@ def _to_dataset_rows(rows: list[dict]) -> list[dict]:
     return [{"id": r["id"], "row_json": json.dumps({k: r.get(k) for k in keep})} for r in rows]
 
 
-def run_with_ray_data(job: PairJob, rows: list[dict], app_name: str, batch_size: int = 16, concurrency: int = 2):
-    """Stream prompt rows through the Serve deployments with Ray Data; yields per-prompt results."""
+def run_with_ray_data(job: PairJob, rows: list[dict], app_name: str, batch_size: int = 16, concurrency: int = 2,
+                      timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES):
+    """Stream prompt rows through the Serve deployments with Ray Data; yields each batch's per-prompt results."""
     import ray
 
     ds = ray.data.from_items(_to_dataset_rows(rows), override_num_blocks=max(1, min(len(rows) // batch_size, 64)))
     ds = ds.map_batches(
         _RayPairFormer,
-        fn_constructor_kwargs={"job": job, "app_name": app_name},
+        fn_constructor_kwargs={"job": job, "app_name": app_name, "timeout_s": timeout_s, "retries": retries},
         batch_size=batch_size,
         concurrency=concurrency,
         num_cpus=0.1,
     )
     for item in ds.iter_rows():
-        yield json.loads(item["result_json"])
+        yield json.loads(item["batch_json"])
 
 
 def run_local(job: PairJob, rows: list[dict], client: ModelClient, batch_size: int = 16):
+    """The same batches in this process; results pass through JSON as they do from Ray Data (and the
+    journal), so every path hands the summary the same values."""
     for start in range(0, len(rows), batch_size):
-        yield from form_batch(job, rows[start : start + batch_size], client)
+        yield json.loads(json.dumps(form_batch(job, rows[start : start + batch_size], client)))
 
 
 def summarize(results: list[dict], rejects: list[dict], over_limit: int, seconds: float,
@@ -401,9 +413,79 @@ def check_rows(cfg, rows: list[dict], policy_path: str | None = None, progress: 
     return kept, rejects, dropped
 
 
+JOURNAL = ".journal"
+
+
+class Journal:
+    """The finished batches of one pair step (``<out_dir>/.journal/``), so that a step killed midway
+    redoes only the rest: ``meta.json`` holds the digest of what decides the results, each
+    ``batch-<n>.jsonl`` one batch's per-prompt results (each file written atomically)."""
+
+    def __init__(self, out_dir: str | Path, digest: str):
+        self.dir, self.digest, self.batches = Path(out_dir) / JOURNAL, digest, 0
+
+    def open(self, meta: dict | None = None) -> dict[str, dict]:
+        """The results journaled before under this digest, by prompt id. A journal of another digest
+        (other config, prompts or weights) is removed: its results are not this step's."""
+        from tso.io import atomic_write_json
+
+        try:
+            old = json.loads((self.dir / "meta.json").read_text()).get("digest")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if old != self.digest:
+            if self.dir.exists():
+                print(f"[pairs] {self.dir}: journal of other inputs (digest {old}, now {self.digest}): "
+                      "removed, starting over", flush=True)
+                shutil.rmtree(self.dir)
+            atomic_write_json(self.dir / "meta.json", {**(meta or {}), "digest": self.digest})
+            return {}
+        done: dict[str, dict] = {}
+        for path in sorted(self.dir.glob("batch-*.jsonl")):
+            self.batches = max(self.batches, int(path.stem.split("-")[1]))
+            try:
+                batch = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            except ValueError as e:  # atomic writes make this unlikely: redo that batch's prompts
+                print(f"[pairs] {path}: unreadable ({e}), its prompts are formed again", flush=True)
+                continue
+            for result in batch:
+                done.setdefault(result["id"], result)
+        return done
+
+    def write(self, results: list[dict]) -> None:
+        from tso.io import atomic_write_jsonl
+
+        self.batches += 1
+        atomic_write_jsonl(self.dir / f"batch-{self.batches:06d}.jsonl", results)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def pairs_digest(cfg, stage: int, served: dict[str, str] | None) -> str:
+    """What decides a pair step's results: the config (its serving settings aside), the stage, the
+    prompts file's bytes and the weights each deployment serves."""
+    from tso.io import file_digest, json_digest
+
+    return json_digest({"config": cfg.config_hash(), "stage": stage, "prompts": file_digest(cfg.pairs.prompts),
+                        "served": served})
+
+
+def _served(cfg, app_name: str | None, client: ModelClient | None) -> dict[str, str] | None:
+    """The checkpoint each deployment serves now (None for a client that cannot say)."""
+    from tso.serving.app import deployment_names
+    from tso.serving.client import ServeClient
+
+    if client is None:
+        client = ServeClient.from_config(cfg, app_name)
+    ask = getattr(client, "served_checkpoints", None)
+    return ask(deployment_names(cfg)) if ask else None
+
+
 def form_pairs_step(cfg, stage: int, out_dir: str | Path, *, app_name: str | None = None, client: ModelClient | None = None,
                     batch_size: int = 16, concurrency: int = 2, progress: bool = True) -> dict:
-    """Read cfg.pairs.prompts, form pairs through Serve (or `client`), write pairs/summary/rejects."""
+    """Read cfg.pairs.prompts, form pairs through Serve (or `client`), write pairs/summary/rejects.
+    Resumes from the step's journal (module docstring); ``resumed_prompts`` says how many it reused."""
     from tqdm import tqdm
 
     from tso.pairs.prompts import read_prompts
@@ -411,19 +493,37 @@ def form_pairs_step(cfg, stage: int, out_dir: str | Path, *, app_name: str | Non
     if not cfg.pairs.prompts:
         raise ValueError("pairs.prompts is not set: give a prompts JSONL/Parquet file")
     out_dir = Path(out_dir)
+    app_name = app_name or cfg.serve.app_name
     prompts = read_prompts(cfg.pairs.prompts, cfg.pairs.max_prompt_chars, cfg.pairs.max_prompts)
     rows, length_rejects, human_dropped = check_rows(cfg, prompts.rows, progress=progress)
     job = PairJob.from_config(cfg, stage)
+    journal = Journal(out_dir, pairs_digest(cfg, stage, _served(cfg, app_name, client)))
+    done = journal.open({"stage": stage, "prompts_file": cfg.pairs.prompts})
+    results = [done[r["id"]] for r in rows if r["id"] in done]
+    todo, reused = [r for r in rows if r["id"] not in done], len(results)
+    if reused:
+        print(f"[pairs] stage {stage}: {reused} of {len(rows)} prompts formed before ({journal.dir}), "
+              f"forming the other {len(todo)}", flush=True)
     start = time.perf_counter()
-    if client is None:
-        stream = run_with_ray_data(job, rows, app_name or cfg.serve.app_name, batch_size, concurrency)
+    if not todo:
+        stream = iter(())
+    elif client is None:
+        stream = run_with_ray_data(job, todo, app_name, batch_size, concurrency, cfg.serve.call_timeout_s,
+                                   cfg.serve.call_retries)
     else:
-        stream = run_local(job, rows, client, batch_size)
-    results = list(tqdm(stream, total=len(rows), desc=f"pairs stage {stage}", unit="prompt", disable=not progress))
+        stream = run_local(job, todo, client, batch_size)
+    with tqdm(total=len(rows), initial=len(results), desc=f"pairs stage {stage}", unit="prompt",
+              disable=not progress) as bar:
+        for batch in stream:
+            journal.write(batch)
+            results.extend(batch)
+            bar.update(len(batch))
+    results.sort(key=lambda r: r["id"])  # the order the rows finished in (or were journaled) changes nothing
     rejects = prompts.rejects + length_rejects + [r["reject"] for r in results if r.get("reject")]
     rejects.sort(key=lambda r: (r.get("line") or 0, r.get("scope", "row")))
     summary = summarize(results, rejects, prompts.over_limit, time.perf_counter() - start, human_dropped,
                         cfg.pairs.truncated)
     summary.update({"stage": stage, "seed": cfg.seed, "prompts_file": cfg.pairs.prompts})
     paths = write_outputs(out_dir, results, summary, rejects)
-    return {"summary": summary, **{f"{k}_path": str(v) for k, v in paths.items()}}
+    journal.remove()  # summary.json marks the step done: the journal has nothing left to give
+    return {"summary": summary, "resumed_prompts": reused, **{f"{k}_path": str(v) for k, v in paths.items()}}
