@@ -1,7 +1,9 @@
-"""What several test modules share: the repository root and a tiny judge overfit to known answers."""
+"""What several test modules share: the repository root, tiny model directories, a tiny judge overfit
+to known answers and a Serve app on a port of the module's own."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -58,3 +60,29 @@ def train_tiny_judge(root: Path, tokenizer, steps: int = 160) -> Path:
     torch.set_num_threads(threads)
     _CACHE["judge"] = save_model_dir(model, tokenizer, root / "tiny-judge")
     return _CACHE["judge"]
+
+
+def tiny_model_dirs(root: Path, tokenizer, seeds: dict[str, int]) -> dict[str, str]:
+    """Random tiny Llamas, one per name (its seed decides the weights), saved as HF directories."""
+    from tso.zoo.tiny import random_tiny_llama, save_model_dir
+
+    return {name: str(save_model_dir(random_tiny_llama(tokenizer, seed=seed), tokenizer, root / name))
+            for name, seed in seeds.items()}
+
+
+@contextlib.contextmanager
+def served_app(cfg, port: int):
+    """``cfg``'s app deployed on Serve at 127.0.0.1:``port``, deleted afterwards. Serve's HTTP port is
+    fixed once Serve starts, so Serve is restarted on this port first."""
+    from ray import serve
+
+    from tso.serving.app import deploy
+
+    serve.shutdown()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy(cfg, port=port)
+    try:
+        yield cfg
+    finally:
+        serve.delete(cfg.serve.app_name)
+        serve.shutdown()

@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import JUDGE_RUBRICS, REPO, train_tiny_judge
+from tests.helpers import JUDGE_RUBRICS, REPO, served_app, tiny_model_dirs, train_tiny_judge
 from tso.config import dump_config, parse_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -48,12 +48,8 @@ SUBPROCESS_ENV.pop("RAY_ADDRESS", None)  # the --local commands below must not j
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
-    from tso.zoo.tiny import random_tiny_llama, save_model_dir
-
-    root = tmp_path_factory.mktemp("fault-models")
-    dirs = {"a": str(tiny_model_dir)}
-    for name, seed in (("b", 12), ("c", 13)):
-        dirs[name] = str(save_model_dir(random_tiny_llama(tiny_tokenizer, seed=seed), tiny_tokenizer, root / name))
+    dirs = {"a": str(tiny_model_dir),
+            **tiny_model_dirs(tmp_path_factory.mktemp("fault-models"), tiny_tokenizer, {"b": 12, "c": 13})}
     dirs["judge"] = str(train_tiny_judge(tmp_path_factory.mktemp("judge"), tiny_tokenizer))
     return dirs
 
@@ -103,17 +99,9 @@ def make_cfg(model_dirs, prompts_file, run_dir, eval_file=None, **pairs):
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, model_dirs, prompts_file, eval_file, tmp_path_factory):
-    from ray import serve
-
-    from tso.serving.app import deploy
-
     cfg = make_cfg(model_dirs, prompts_file, tmp_path_factory.mktemp("run"), eval_file)
-    serve.shutdown()  # Serve's HTTP port is fixed once started: start it on this module's port
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    deploy(cfg, port=PORT)
-    yield cfg
-    serve.delete(APP)
-    serve.shutdown()
+    with served_app(cfg, PORT):
+        yield cfg
 
 
 def _pairs(out: Path) -> dict[str, dict]:

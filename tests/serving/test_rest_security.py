@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, served_app
 from tso.config import ConfigError, dump_config, parse_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -56,18 +56,12 @@ def cfg(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, cfg):
-    from ray import serve
-
-    from tso.serving.app import deploy
-
     os.environ[TOKEN_ENV] = TOKEN + "\n"  # a secret with a trailing newline still matches
-    serve.shutdown()  # Serve's HTTP port is fixed once started: start it on this module's port
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    deploy(cfg, port=PORT)
-    yield cfg
-    serve.delete(APP)
-    serve.shutdown()
-    os.environ.pop(TOKEN_ENV, None)
+    try:
+        with served_app(cfg, PORT):
+            yield cfg
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
 
 
 @pytest.fixture()

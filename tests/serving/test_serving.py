@@ -14,7 +14,7 @@ import threading
 import httpx
 import pytest
 
-from tests.helpers import JUDGE_ANSWERS, JUDGE_RUBRICS, REPO, train_tiny_judge
+from tests.helpers import JUDGE_ANSWERS, JUDGE_RUBRICS, REPO, served_app, tiny_model_dirs, train_tiny_judge
 from tso.config import EngineConfig, dump_config, parse_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -27,12 +27,8 @@ URL = f"http://127.0.0.1:{PORT}"
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
-    from tso.zoo.tiny import random_tiny_llama, save_model_dir
-
-    root = tmp_path_factory.mktemp("serving-models")
-    dirs = {"old": str(tiny_model_dir)}
-    for name, seed in (("base", 1), ("stage1", 2)):
-        dirs[name] = str(save_model_dir(random_tiny_llama(tiny_tokenizer, seed=seed), tiny_tokenizer, root / name))
+    dirs = {"old": str(tiny_model_dir),
+            **tiny_model_dirs(tmp_path_factory.mktemp("serving-models"), tiny_tokenizer, {"base": 1, "stage1": 2})}
     dirs["judge"] = str(train_tiny_judge(tmp_path_factory.mktemp("judge"), tiny_tokenizer))
     return dirs
 
@@ -59,17 +55,9 @@ def cfg(model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, cfg):
-    from ray import serve
-
-    from tso.serving.app import deploy
-
     os.environ.pop(TOKEN_ENV, None)
-    serve.shutdown()  # Serve's HTTP port is fixed once started: start it on this module's port
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    deploy(cfg, port=PORT)
-    yield cfg
-    serve.delete(APP)
-    serve.shutdown()
+    with served_app(cfg, PORT):
+        yield cfg
 
 
 @pytest.fixture()
