@@ -29,7 +29,17 @@ On GPU, MFU = (6 N tokens [+ 2 N tokens / E for the reference]) / time / peak.
 
     python benchmarks/bench_dpo.py                          # CPU shape -> benchmarks/results/dpo_cpu.json
     python benchmarks/bench_dpo.py --quick --out /tmp/dpo.json   # a smoke run on a much smaller model
+    python benchmarks/bench_dpo.py --shape cpu-realvocab    # SmolLM2-135M architecture, vocabulary 49,152,
+                                                            # variable lengths -> dpo_cpu-realvocab.json
     python benchmarks/bench_dpo.py --shape gpu-reference    # one H100/H200 -> benchmarks/results/dpo_gpu-reference.json
+
+Shapes give ``prompt`` / ``response`` either as a fixed length in tokens or as ``[lo, hi]``: then each pair's
+prompt, chosen and rejected lengths are drawn uniformly (inclusive) from a ``random.Random(0)`` stream, the
+same pairs for every configuration. pairs/s counts pairs; tokens/s counts real (unpadded) tokens, each
+prompt once per row; ``pairs_per_s_length_normalised`` = real tokens/s / the data set's mean tokens per
+pair (the fair figure when a configuration is timed over a few steps of variable length).
+On CPU each tso run also times its phases (forward with log-probs, the LM-head log-probs alone, backward,
+optimizer step, reference passes, the rest): ``phases_s``.
 """
 
 from __future__ import annotations
@@ -54,7 +64,20 @@ SHAPES: dict[str, dict[str, Any]] = {
     # docs/benchmarks.md, "DPO on one GPU": 1.24B parameters, 8 pairs x (256 + 512) tokens
     "gpu-reference": {"hidden": 2048, "intermediate": 5504, "layers": 22, "heads": 16, "vocab": 32000,
                       "pairs_per_step": 8, "micro_batch": 8, "prompt": 256, "response": 512},
+    # docs/benchmarks.md, "DPO on CPU, real vocabulary": the SmolLM2-135M architecture (hidden 576, 9 heads /
+    # 3 KV heads, tied embeddings, vocabulary 49,152) with 4 of its 30 layers (CPU time), random init,
+    # variable-length pairs: prompts 32-256 tokens, chosen and rejected 16-256 each
+    "cpu-realvocab": {"hidden": 576, "intermediate": 1536, "layers": 4, "heads": 9, "kv_heads": 3, "vocab": 49152,
+                      "tied": True, "pairs_per_step": 8, "micro_batch": 4, "prompt": [32, 256],
+                      "response": [16, 256]},
 }
+# run settings a shape defaults to (flags override): the real-vocabulary CPU run fits in about 10 minutes on 2
+# cores (TRL with a reference model, the slowest extra, is left out unless --configs names it)
+SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu-realvocab": {"minibatches": 2, "epochs": 2, "steps_per_epoch": 1, "warmup": 1, "repeats": 1,
+                      "configs": "tso_deepspeed,tso_torch,trl_tuned,trl_shipped"},
+}
+GPU_SHAPES = ("gpu-reference",)
 # --quick: the same comparison on a very small model, so that one test can run it (it checks the code, not speed)
 QUICK_SHAPE = {"hidden": 64, "intermediate": 176, "layers": 2, "heads": 4, "vocab": 512,
                "pairs_per_step": 4, "micro_batch": 4, "prompt": 16, "response": 32}
@@ -75,6 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every configuration")
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    p.add_argument("--shipped-steps", type=int, default=2,
+                   help="timed steps of trl_shipped after its warm-up (it is slow on CPU; default 2)")
     p.add_argument("--repeats", type=int, default=None,
                    help="runs of each configuration, interleaved round-robin (default 3; quick 1; trl_shipped once)")
     p.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON spec)
@@ -108,11 +134,41 @@ def _train_config(spec: dict[str, Any]):
     return TrainConfig.model_validate({
         "minibatches": spec["K"], "epochs": spec["E"], "global_batch": spec["pairs_per_step"],
         "micro_batch": spec["micro_batch"], "num_workers": 1, "zero_stage": spec["zero_stage"],
-        "use_gpu": spec["gpu"], "max_length": spec["prompt"] + spec["response"] + 8, "seed": 43,
+        "use_gpu": spec["gpu"], "max_length": spec["max_length"], "seed": 43,
         "loss": {"type": "dpo", "beta": 0.1},
         "optimizer": {"lr": spec["lr"], "betas": (0.9, 0.95), "weight_decay": 0.05, "grad_clip": 1.0,
                       "warmup_ratio": 0.1, "schedule": "cosine"},
     })
+
+
+def _time_phases(backend) -> dict[str, float]:
+    """Wall-clock timers around the step's phases (CPU: no synchronisation needed): the micro-batch forward
+    (decoder, log-probs, loss), the LM-head log-probs alone (inside the forward), backward, and the engine's
+    step (the optimizer at the accumulation boundary, and DeepSpeed's gradient bookkeeping)."""
+    import tso.method.logprobs as lp
+    import tso.train.step as step_mod
+
+    acc = {"forward_s": 0.0, "head_logprobs_forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] += time.perf_counter() - t
+        return wrapper
+
+    step_mod.micro_batch_loss = timed(step_mod.micro_batch_loss, "forward_s")
+    import torch
+
+    original_head = lp.head_token_logps
+    timed_head = timed(original_head, "head_logprobs_forward_s")
+    # the training forward only (the no-grad reference passes are timed as a whole)
+    lp.head_token_logps = lambda *a, **k: (timed_head if torch.is_grad_enabled() else original_head)(*a, **k)
+    backend.backward = timed(backend.backward, "backward_s")
+    backend.step = timed(backend.step, "step_s")
+    return acc
 
 
 def run_tso(spec: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +190,7 @@ def run_tso(spec: dict[str, Any]) -> dict[str, Any]:
     backend = make_backend(spec["engine"], model, train, plan.total_steps, use_gpu=spec["gpu"])
     metrics_path = Path(spec["result"]).with_suffix(".metrics.jsonl")  # one file per run
     metrics_path.unlink(missing_ok=True)
+    phases = None if spec["gpu"] else _time_phases(backend)
     _sync()
     t0 = time.perf_counter()
     res = run_minibatch_dpo(backend, pairs, train, pad_id=tok.pad_token_id, stage=1, plan=plan,
@@ -149,10 +206,17 @@ def run_tso(spec: dict[str, Any]) -> dict[str, Any]:
     ref_after = {r["step"]: r["reference_time_s"] for r in refs}
     durations = [cur["time_s"] - prev["time_s"] - ref_after.get(prev["step"], 0.0)
                  for prev, cur in zip(steps, steps[1:])][max(w - 1, 0):]
+    if phases is not None:
+        phases["reference_s"] = res.reference_time_s
+        phases["steps_total_s"] = sum(s_["step_time_s"] for s_ in steps)
+        phases["other_in_steps_s"] = phases["steps_total_s"] - phases["forward_s"] - phases["backward_s"] - phases["step_s"]
     return {
-        "engine": backend.kind, "steps": len(steps), "timed_steps": len(steps) - w,
+        "engine": backend.kind, "steps": len(steps), "timed_steps": len(steps) - w, "phases_s": phases,
+        "timed_tokens": sum(s_["tokens"] for s_ in steps[w:]),
+        "mean_tokens_per_pair": sum(p.num_tokens for p in pairs) / len(pairs),
         "window_s": window - inside, "reference_time_s": res.reference_time_s, "reference_passes": len(refs),
-        "total_time_s": total, "tokens_per_step": steps[-1]["tokens"], "pairs_per_step": steps[-1]["pairs"],
+        "total_time_s": total, "tokens_per_step": sum(p.num_tokens for p in pairs) / len(pairs) * spec["pairs_per_step"],
+        "pairs_per_step": steps[-1]["pairs"],
         "step_times_s": durations,
         "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
         "precision": "deepspeed bf16 (fp32 master)" if spec["gpu"] and spec["engine"] == "deepspeed" else
@@ -215,19 +279,33 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             ends.append(time.perf_counter())
 
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()])
+    batch_tokens: list[int] = []
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        batch_tokens.append(sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                                for e in examples))
+        return collate(examples)
+
+    trainer.data_collator = counting_collator
     _sync()
     t0 = time.perf_counter()
     out = trainer.train()
     total = time.perf_counter() - t0
     w = spec["warmup"]
     window = ends[-1] - (ends[w - 1] if w > 0 else t0)
-    # tokens per step: the same rows tso trains on (fixed lengths), counted from the tokenized dataset
-    ex = trainer.train_dataset[0]
-    tokens_per_pair = 2 * len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"])
+    # real tokens: the same rows tso trains on, counted from the tokenized dataset (each prompt once per row)
+    data = trainer.train_dataset
+    per_pair = [2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"],
+                                                                  data["rejected_ids"])]
+    accum = G // micro
+    step_tokens = [sum(batch_tokens[i * accum:(i + 1) * accum]) for i in range(len(ends))]
     return {
         "variant": variant, "steps": len(ends), "timed_steps": len(ends) - w, "window_s": window,
+        "timed_tokens": sum(step_tokens[w:]), "mean_tokens_per_pair": sum(per_pair) / len(per_pair),
         "reference_time_s": timings["precompute_s"], "total_time_s": total,
-        "tokens_per_step": tokens_per_pair * G, "pairs_per_step": G, "train_loss": out.training_loss,
+        "tokens_per_step": sum(per_pair) / len(per_pair) * G, "pairs_per_step": G,
+        "train_loss": out.training_loss, "padding_free": "not available for DPO in TRL 1.16 (forced off)",
         "step_times_s": [b - a for a, b in zip(ends, ends[1:])][max(w - 1, 0):],
         "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16,
         "torch_compile": args.torch_compile, "precompute_ref_log_probs": args.precompute_ref_log_probs,
@@ -249,7 +327,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     pairs = result["timed_steps"] * result["pairs_per_step"]
     result["pairs_per_s"] = pairs / busy
     result["pairs_per_s_steps_only"] = pairs / result["window_s"]
-    result["tokens_per_s"] = result["timed_steps"] * result["tokens_per_step"] / busy
+    result["tokens_per_s"] = result["timed_tokens"] / busy
+    result["pairs_per_s_length_normalised"] = result["tokens_per_s"] / result["mean_tokens_per_pair"]
     n = spec["n_params"]
     ref_flops = 2 * n * result["tokens_per_step"] / spec["E"] if spec["kind"] == "tso" or result.get(
         "precompute_ref_log_probs") else 2 * n * result["tokens_per_step"]
@@ -268,9 +347,18 @@ def _random_text(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(alphabet) for _ in range(n))
 
 
+def _length_range(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def max_pair_length(shape: dict[str, Any]) -> int:
+    return _length_range(shape["prompt"])[1] + _length_range(shape["response"])[1]
+
+
 def build_inputs(shape: dict[str, Any], n_pairs: int, workdir: Path, gpu: bool) -> tuple[Path, Path, Path, int]:
-    """A random Llama of the shape (saved as an HF dir with the toy byte-level tokenizer) and fixed-length
-    pairs: prompt and response lengths in tokens are exact (chat-template and EOS tokens included)."""
+    """A random Llama of the shape (saved as an HF dir with the toy byte-level tokenizer) and pairs whose
+    prompt and response lengths in tokens are exact (chat-template and EOS tokens included): fixed, or
+    drawn uniformly from [lo, hi] per pair (prompt, chosen, rejected) by ``random.Random(0)``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -282,10 +370,10 @@ def build_inputs(shape: dict[str, Any], n_pairs: int, workdir: Path, gpu: bool) 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=max(shape["vocab"], len(tok)), hidden_size=shape["hidden"],
                       intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
-                      num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-                      max_position_embeddings=max(1024, shape["prompt"] + shape["response"] + 16),
-                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
+                      num_attention_heads=shape["heads"], num_key_value_heads=shape.get("kv_heads", shape["heads"]),
+                      max_position_embeddings=max(1024, max_pair_length(shape) + 16),
+                      tie_word_embeddings=bool(shape.get("tied", False)), pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = LlamaForCausalLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     model_dir = workdir / "model"
@@ -293,14 +381,15 @@ def build_inputs(shape: dict[str, Any], n_pairs: int, workdir: Path, gpu: bool) 
     tok.save_pretrained(model_dir)
     del model
     rng = random.Random(0)
-    prompt_overhead = len(encode_prompt(tok, "")) # role and generation-prompt tokens
+    prompt_overhead = len(encode_prompt(tok, ""))  # role and generation-prompt tokens
+    (plo, phi), (rlo, rhi) = _length_range(shape["prompt"]), _length_range(shape["response"])
     rows = []
     for i in range(n_pairs):
-        rows.append({"id": f"b{i:06d}", "prompt": _random_text(rng, shape["prompt"] - prompt_overhead),
-                     "chosen": _random_text(rng, shape["response"] - 1), "rejected": _random_text(rng, shape["response"] - 1)})
-    r0 = rows[0]
-    assert len(encode_prompt(tok, r0["prompt"])) == shape["prompt"]
-    assert len(encode_response(tok, r0["chosen"])) == shape["response"]
+        lp_, lc, lr = rng.randint(plo, phi), rng.randint(rlo, rhi), rng.randint(rlo, rhi)
+        rows.append({"id": f"b{i:06d}", "prompt": _random_text(rng, lp_ - prompt_overhead),
+                     "chosen": _random_text(rng, lc - 1), "rejected": _random_text(rng, lr - 1)})
+        assert len(encode_prompt(tok, rows[-1]["prompt"])) == lp_
+        assert len(encode_response(tok, rows[-1]["chosen"])) == lc
     pairs = atomic_write_parquet(workdir / "pairs.parquet", rows)
     return model_dir, pairs, atomic_write_jsonl(workdir / "pairs.jsonl", rows), n_params
 
@@ -337,7 +426,12 @@ def main(argv=None) -> int:
     import torch
 
     shape = dict(QUICK_SHAPE if args.quick and args.shape == "cpu" else SHAPES[args.shape])
-    gpu = args.shape != "cpu"
+    if args.layers:
+        shape["layers"] = args.layers
+    gpu = args.shape in GPU_SHAPES
+    for key, value in ({} if args.quick else SHAPE_DEFAULTS.get(args.shape, {})).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if gpu and not torch.cuda.is_available():
         print("error: --shape gpu-reference needs a CUDA device", file=sys.stderr)
         return 2
@@ -365,7 +459,8 @@ def main(argv=None) -> int:
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     base_spec = {"model_dir": str(model_dir), "pairs": str(pairs_parquet), "pairs_jsonl": str(pairs_jsonl),
                  "workdir": str(workdir), "K": K, "E": E, "pairs_per_step": G, "micro_batch": shape["micro_batch"],
-                 "prompt": shape["prompt"], "response": shape["response"], "warmup": warmup, "steps_total": steps_total,
+                 "prompt": shape["prompt"], "response": shape["response"], "max_length": max_pair_length(shape) + 8,
+                 "warmup": warmup, "steps_total": steps_total,
                  "threads": args.threads, "zero_stage": args.zero_stage, "lr": args.lr, "gpu": gpu,
                  "n_params": n_params, "peak_flops": peak}
     repeats = args.repeats or (1 if args.quick else 3)
@@ -383,7 +478,7 @@ def main(argv=None) -> int:
             spec.update(kind="trl", variant=name.removeprefix("trl_"))
             if name == "trl_shipped" and not args.quick:
                 # as shipped is slow on CPU (bf16 + recomputation): warm-up plus two timed steps
-                spec.update(steps_total=warmup + 2)
+                spec.update(steps_total=warmup + args.shipped_steps)
         spec_path = workdir / f"{name}.{rep}.spec.json"
         spec_path.write_text(json.dumps(spec))
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
@@ -432,6 +527,10 @@ def main(argv=None) -> int:
                      if ratio(a, b, "pairs_per_s_median") is not None}
     ratios_p25 = {f"{a}_vs_{b}": ratio(a, b, "pairs_per_s_p25_steps") for a, b in pairs_of
                   if ratio(a, b, "pairs_per_s_p25_steps") is not None}
+    key_norm = "pairs_per_s_length_normalised"
+    ratios_norm = {f"{a}_vs_{b}": ratio(a, b, key_norm) for a, b in pairs_of if ratio(a, b, key_norm) is not None}
+    mem = {f"{a}_vs_{b}": results[a]["peak_rss_mib"] / results[b]["peak_rss_mib"]
+           for a, b in pairs_of if "peak_rss_mib" in results.get(a, {}) and "peak_rss_mib" in results.get(b, {})}
     report = {
         "benchmark": "dpo_training_throughput",
         "mode": "quick" if args.quick else "full",
@@ -440,13 +539,21 @@ def main(argv=None) -> int:
         "settings": {"minibatches": K, "epochs": E, "steps_per_epoch": spe, "steps": steps_total,
                      "warmup_steps": warmup, "pairs": n_pairs, "threads": args.threads, "zero_stage": args.zero_stage,
                      "lr": args.lr, "loss": "dpo (sigmoid), beta 0.1", "repeats": repeats,
-                     "processes": "one per run, 1 worker each, configurations interleaved round-robin"},
+                     "processes": "one per run, 1 worker each, configurations interleaved round-robin",
+                     "lengths": {"prompt": shape["prompt"], "response": shape["response"],
+                                 "distribution": "fixed" if isinstance(shape["prompt"], int) else
+                                 "uniform integers in [lo, hi] (inclusive), drawn per pair for the prompt, the "
+                                 "chosen and the rejected answer (in that order) from random.Random(0); tokens "
+                                 "include the chat template and the EOS"},
+                     "trl_shipped_timed_steps": args.shipped_steps},
         "machine": {**machine, "load_avg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "baseline": "trl_tuned",
         "configurations": results,
         "ratios": ratios,
         "ratios_median": ratios_median,
         "ratios_p25_steps": ratios_p25,
+        "ratios_length_normalised": ratios_norm,
+        "peak_rss_ratios": mem,
         "notes": [
             "Each configuration's numbers are its best run (highest pairs/s) of `repeats` interleaved runs: on a "
             "shared machine the best run is the one least slowed by other load; ratios_median uses the medians.",
@@ -456,8 +563,21 @@ def main(argv=None) -> int:
             "pairs_per_s amortises each side's reference work over the timed steps: tso's K boundary passes, "
             "TRL's precompute pass (trl_ref_model runs a reference forward inside every step instead).",
             "trl_tuned: gradient checkpointing off, precompute_ref_log_probs on; torch_compile on GPU only.",
-            "trl_shipped (full mode only): DPOConfig defaults, gradient checkpointing on and bf16 autocast, "
-            "timed over 2 steps after warm-up.",
+            "trl_shipped (full mode only): DPOConfig defaults, gradient checkpointing on and bf16 autocast (what "
+            "bf16=True means on CPU), timed over settings.trl_shipped_timed_steps steps after warm-up; changed from "
+            "the defaults only where every configuration is: optimizer/schedule settings, use_cpu, max_length=None "
+            "(no truncation), no saving/logging.",
+            "pairs_per_s_length_normalised / ratios_length_normalised: real tokens per second over the data set's "
+            "mean tokens per pair; with variable lengths a configuration timed over a few steps (trl_shipped) "
+            "draws a sample of pair lengths of its own, and this figure corrects for it.",
+            "tso packs each micro-batch's rows padding-free (position ids restart per sequence, block-diagonal "
+            "causal attention; no padding in the linear layers), groups a step's micro-batches by length, "
+            "and computes log-probs with a chunked LM head (no full [tokens, vocab] fp32 logits); TRL 1.16 "
+            "pads chosen and rejected rows to one length (its padding_free is forced off for DPO) and computes "
+            "per-token log-probs with its own fused LM head (plus entropy, mean-logit and top-1 statistics).",
+            "phases_s (tso, CPU): forward_s = micro-batch forward incl. log-probs and loss; "
+            "head_logprobs_forward_s = the LM-head log-probs inside it; backward_s; step_s = the engine's step "
+            "(optimizer at the accumulation boundary; DeepSpeed's gradient reduction/bookkeeping); reference_s.",
             "On CPU the comparison is evidence, not a gate (docs/benchmarks.md); the machine may be shared: "
             "see machine.load_avg_1m_at_start.",
         ],

@@ -68,8 +68,11 @@ def test_configuration_reference_shows_the_defaults_a_config_really_gets():
         value = cfg
         for part in path.split("."):
             value = getattr(value, part)
-        assert default == f"`{value!r}`".replace("|", "\\|"), (path, default, value)
-        checked += 1
+            if value is None and part != path.split(".")[-1]:
+                break  # an optional section (train.lora): its rows are the defaults once it is given
+        else:
+            assert default == f"`{value!r}`".replace("|", "\\|"), (path, default, value)
+            checked += 1
     assert checked > 90
     assert "| `judge.sampling.temperature` | float | `0.0` |" in config_reference()
     assert "| `eval.sampling.max_new_tokens` | int | `2048` |" in config_reference()

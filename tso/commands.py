@@ -58,10 +58,10 @@ def config_reference() -> str:
             nested = None
             if sub is not None and not field.is_required():
                 nested = getattr(defaults, name) if defaults is not None else field.get_default(call_default_factory=True)
-            if sub is None:  # list[ModelEntry] and similar
+            if sub is None:  # list[ModelEntry] (path[]) and optional sections (Settings | None)
                 args = getattr(ann, "__args__", ())
                 sub = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-                if sub is not None:
+                if sub is not None and getattr(ann, "__origin__", None) is list:
                     path += "[]"
             if sub is not None:
                 walk(sub, path + ".", nested if isinstance(nested, BaseModel) else None)

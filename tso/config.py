@@ -258,6 +258,67 @@ class OptimizerConfig(_Section):
         return v
 
 
+class LoraSettings(_Section):
+    """train.lora: train low-rank adapters (peft) instead of every weight; the base weights stay frozen."""
+
+    r: int = Field(16, ge=1, le=4096, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Scale: the adapter's update is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get adapters (module names, or all-linear).",
+    )
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: an ordinary HF directory (serving needs no peft); adapter: peft adapter only.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        if isinstance(v, list) and (not v or not all(isinstance(m, str) and m for m in v)):
+            raise ValueError("name at least one module (e.g. q_proj), or all-linear")
+        return v
+
+
+# DeepSpeed keys tso derives from typed settings: train.deepspeed may repeat them, not contradict them.
+DEEPSPEED_TYPED_KEYS = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch / (train.micro_batch x train.num_workers)",
+    "gradient_clipping": "train.optimizer.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.use_gpu",  # bf16 with fp32 master weights on GPU, fp32 on CPU
+    "fp16.enabled": "train.use_gpu",  # never fp16
+}
+# sections DeepSpeed would build instead of tso's (torch AdamW, the warm-up/cosine schedule)
+DEEPSPEED_REFUSED_KEYS = {"optimizer": "train.optimizer", "scheduler": "train.optimizer (warmup_ratio, schedule)"}
+
+
+def deepspeed_conflicts(override: dict[str, Any], derived: dict[str, Any]) -> list[str]:
+    """What in ``train.deepspeed`` contradicts the config tso derives (``derived``, the generated DeepSpeed
+    config): each problem names the DeepSpeed key and the tso setting that owns it. Equal values are fine."""
+    problems = [f"train.deepspeed.{k}: tso builds it from {owner}; set that instead"
+                for k, owner in DEEPSPEED_REFUSED_KEYS.items() if k in override]
+    for dotted, owner in DEEPSPEED_TYPED_KEYS.items():
+        head, _, tail = dotted.partition(".")
+        if head not in override:
+            continue
+        mine, theirs = override[head], derived.get(head)
+        if tail:
+            if not isinstance(mine, dict):
+                problems.append(f"train.deepspeed.{head}: expected a mapping, got {type(mine).__name__}")
+                continue
+            if tail not in mine:
+                continue
+            mine, theirs = mine[tail], (theirs or {}).get(tail)
+        if mine != theirs and not (isinstance(mine, (int, float)) and not isinstance(mine, bool)
+                                   and isinstance(theirs, (int, float)) and float(mine) == float(theirs)):
+            why = " (tso trains in bf16 with fp32 master weights on GPU, fp32 on CPU)" if owner == "train.use_gpu" else ""
+            problems.append(f"train.deepspeed.{dotted} = {mine!r} contradicts {owner}{why}: tso sets {theirs!r}; "
+                            f"change {owner} instead")
+    return problems
+
+
 class TrainConfig(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     minibatches: int = Field(3, ge=1, description="K: mini-batches, the reference is swapped at each boundary.")
@@ -265,7 +326,6 @@ class TrainConfig(_Section):
     reference: Literal["policy", "frozen_copy"] = Field(
         "policy", description="policy: reference log-probs computed by the policy at each boundary (no copy)."
     )
-    regenerate_self_samples: bool = Field(False, description="Re-sample the policy's own answers per mini-batch.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     global_batch: int = Field(256, ge=1, description="Pairs per optimizer step, over all workers.")
     micro_batch: int = Field(8, ge=1, description="Pairs per forward/backward on one worker.")
@@ -273,6 +333,17 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU).")
     use_gpu: bool = False
     compile: bool = Field(False, description="DeepSpeed engine.compile().")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (KV cache off); the reference pass runs without it.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel (flash_attention_2 needs the flash-attn package and a GPU).",
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="Merged over the generated DeepSpeed config (offload, bucket sizes, ...); "
+        "keys tso derives (ZeRO stage, batch sizes, precision, clipping) may not contradict their settings.",
+    )
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
     max_length: int = Field(2048, ge=8, description="Longer prompt+response pairs are reported and skipped.")
     seed: int = 43
     log_every: int = Field(1, ge=1, description="Steps between metric lines.")
@@ -287,6 +358,10 @@ class TrainConfig(_Section):
     resources_per_worker: dict[str, float] | None = Field(
         None, description="Extra Ray resources each Train worker asks for, e.g. {trainer_node: 1} to pin training "
         "to the nodes started with that resource; CPU: 1 (GPU: 1 with use_gpu) unless given.",
+    )
+    reference_batch: int | None = Field(
+        None, ge=1, description="Pairs per forward of the boundary reference pass (no gradients; length-sorted, "
+        "packed). Default: 4 x micro_batch.",
     )
 
     @field_validator("storage_path")
@@ -312,6 +387,24 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"global_batch ({self.global_batch}) must be a multiple of micro_batch x num_workers ({per_step})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _deepspeed_override(self) -> TrainConfig:
+        if self.attn_implementation == "flash_attention_2" and not self.use_gpu:
+            raise ValueError("train.attn_implementation = flash_attention_2 needs train.use_gpu (a CUDA kernel); "
+                             "use sdpa on CPU")
+        if not self.deepspeed:
+            return self
+        derived = {
+            "train_batch_size": self.global_batch, "train_micro_batch_size_per_gpu": self.micro_batch,
+            "gradient_accumulation_steps": self.grad_accum, "gradient_clipping": self.optimizer.grad_clip,
+            "zero_optimization": {"stage": self.zero_stage}, "bf16": {"enabled": self.use_gpu},
+            "fp16": {"enabled": False},
+        }
+        problems = deepspeed_conflicts(self.deepspeed, derived)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

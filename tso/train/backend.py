@@ -108,7 +108,12 @@ class DeepSpeedBackend(TrainBackend):
 
         ensure_process_group(use_gpu if use_gpu is not None else train.use_gpu)
         warn_stale_op_locks()
-        self.config = deepspeed_config(train, world_size=dist.world_size(), use_gpu=use_gpu)
+        zero3 = getattr(model, "_tso_zero3", None)  # the config the model was built partitioned under
+        self.config = zero3.config if zero3 is not None else deepspeed_config(train, world_size=dist.world_size(),
+                                                                              use_gpu=use_gpu)
+        if train.zero_stage == 3 and zero3 is None and dist.rank() == 0:
+            print("warning: ZeRO-3 engine over a model that was loaded whole (not under zero.Init); "
+                  "tso.train.stage.load_model_and_tokenizer loads it partitioned", flush=True)
         optimizer = build_optimizer(model, train.optimizer)
         self.ds_engine, _, _, _ = deepspeed.initialize(
             model=model,

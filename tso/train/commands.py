@@ -14,7 +14,7 @@ from tso.models.checkpoint import absolute_checkpoint
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one stage: mini-batch iterative DPO with the reference hot-swap")
     p.add_argument("config", help="run config YAML")
-    p.add_argument("--pairs", required=True, help="pairs Parquet file (id, prompt, chosen, rejected)")
+    p.add_argument("--pairs", help="pairs Parquet file (id, prompt, chosen, rejected); required unless --plan")
     p.add_argument("--out", help="output directory (default <run_dir>/stage-<N>/train, as tso run)")
     p.add_argument("--base", help="model to start from (default: the matrix's base entry)")
     p.add_argument("--stage", type=int, default=1, help="stage number (seeds, lineage); default 1")
@@ -22,6 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", "--engine", dest="backend", choices=["deepspeed", "torch"], default="deepspeed",
                    help="how the step runs: a DeepSpeed engine (default) or plain PyTorch")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory per device and the steps of the stage, and train nothing (reads only "
+                        "the model's config.json; no weights, no pairs file needed)")
+    p.add_argument("--num-pairs", type=int, default=10000,
+                   help="--plan: pairs in the stage when no --pairs file is given (default 10000)")
+    p.add_argument("--gpus-per-node", type=int, help="--plan: devices per node (default min(train.num_workers, 8))")
+    p.add_argument("--device-memory-gib", type=float, default=80.0, help="--plan: memory of one device (default 80)")
+    p.add_argument("--json", action="store_true", help="--plan: print the plan as JSON")
     add_set_argument(p)
     p.set_defaults(func=_train)
 
@@ -53,7 +61,14 @@ def _train(args) -> int:
     from tso.train.stage import PolicyJob, train_policy_local
 
     cfg, _ = load_config_ref(args.config, args.set)
+    if args.plan:
+        return _plan(cfg, args)
+    if not args.pairs:
+        return _fail(ValueError("--pairs is required (only --plan trains nothing and needs none)"))
     try:
+        from tso.train.stage import check_model_settings
+
+        check_model_settings(cfg.train, args.backend)  # flash-attn, peft: before any worker starts
         out = Path(args.out or default_policy_out(cfg, args.stage)).absolute()
         with lock_if_under(out, cfg.run_dir, f"tso train --stage {args.stage} ({out})"):
             if args.local:
@@ -78,6 +93,24 @@ def _train(args) -> int:
     return 0
 
 
+def _plan(cfg, args) -> int:
+    """``tso train CONFIG --plan``: the sizing of tso.train.plan, printed; nothing is trained or written."""
+    import json
+
+    from tso.train.plan import count_pairs, format_plan, make_plan, read_model_config
+    from tso.train.ray_trainer import base_model_path, base_options
+
+    try:
+        base = args.base or base_model_path(cfg)[0]
+        num_pairs = count_pairs(args.pairs) if args.pairs else args.num_pairs
+        plan = make_plan(cfg.train, read_model_config(base, base_options(cfg)), num_pairs, args.gpus_per_node,
+                         args.device_memory_gib, args.stage)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(e)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def _train_judge(args) -> int:
     from tso.config import load_config_ref
     from tso.train.judge_sft import JudgeJob, judge_train_config, train_judge_local
@@ -85,6 +118,9 @@ def _train_judge(args) -> int:
 
     cfg, _ = load_config_ref(args.config, args.set)
     try:
+        from tso.train.stage import check_model_settings
+
+        check_model_settings(judge_train_config(cfg), args.backend)
         out = Path(args.out or default_judge_out(cfg)).absolute()
         with lock_if_under(out, cfg.run_dir, f"tso train-judge ({out})"):
             if args.local:

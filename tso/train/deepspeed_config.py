@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tso.config import OptimizerConfig, TrainConfig
+from tso.config import OptimizerConfig, TrainConfig, deep_merge, deepspeed_conflicts
 
 
 def grad_accum_steps(train: TrainConfig, world_size: int) -> int:
@@ -26,13 +26,16 @@ def grad_accum_steps(train: TrainConfig, world_size: int) -> int:
     return train.global_batch // per_step
 
 
-def deepspeed_config(train: TrainConfig, world_size: int | None = None, use_gpu: bool | None = None) -> dict[str, Any]:
+def generated_config(train: TrainConfig, world_size: int | None = None, use_gpu: bool | None = None) -> dict[str, Any]:
     """ZeRO stage, precision (bf16 with fp32 master weights on GPU, fp32 on CPU), batch sizes, clipping."""
     world = train.num_workers if world_size is None else world_size
     gpu = train.use_gpu if use_gpu is None else use_gpu
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage in (1, 2):
         zero.update(overlap_comm=gpu, contiguous_gradients=True, reduce_scatter=True)
+    if train.zero_stage == 3:
+        # the exported policy is gathered from the partitions (DeepSpeedBackend.full_state_dict)
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
     return {
         "train_batch_size": train.global_batch,
         "train_micro_batch_size_per_gpu": train.micro_batch,
@@ -46,6 +49,28 @@ def deepspeed_config(train: TrainConfig, world_size: int | None = None, use_gpu:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def deepspeed_config(train: TrainConfig, world_size: int | None = None, use_gpu: bool | None = None) -> dict[str, Any]:
+    """The generated config with ``train.deepspeed`` deep-merged over it. The config validated the override
+    against ``train.num_workers``; the real world size (and device) is checked again here."""
+    derived = generated_config(train, world_size, use_gpu)
+    if not train.deepspeed:
+        return derived
+    problems = deepspeed_conflicts(train.deepspeed, derived)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return deep_merge(derived, train.deepspeed)
+
+
+def offload_devices(ds: dict[str, Any]) -> tuple[bool, bool]:
+    """(optimizer offloaded to CPU/NVMe, parameters offloaded) in a DeepSpeed config."""
+    zero = ds.get("zero_optimization") or {}
+
+    def off(key: str) -> bool:
+        return str((zero.get(key) or {}).get("device", "none")).lower() in ("cpu", "nvme")
+
+    return off("offload_optimizer"), off("offload_param")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -36,7 +36,12 @@ def judge_train_config(cfg: RunConfig) -> TrainConfig:
     data.update(global_batch=j.global_batch, micro_batch=j.micro_batch, epochs=j.epochs, minibatches=1,
                 reference="policy", max_length=j.max_length)
     data["optimizer"].update(lr=j.lr, warmup_ratio=j.warmup_ratio)
+    # train.deepspeed may repeat the policy's batch sizes; the judge has its own
+    data["deepspeed"] = {k: v for k, v in data.get("deepspeed", {}).items() if k not in JUDGE_OWN_DEEPSPEED_KEYS}
     return TrainConfig.model_validate(data)
+
+
+JUDGE_OWN_DEEPSPEED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 @dataclass

@@ -33,7 +33,15 @@ from tso.io import json_digest
 from tso.train import dist
 from tso.train.backend import TrainBackend
 from tso.train.checkpoint import ResumeState, save_boundary
-from tso.train.data import TokenizedPair, chunks, collate_pair_batch, epoch_steps, pairs_digest, shard, split_minibatches
+from tso.train.data import (
+    TokenizedPair,
+    collate_pair_batch,
+    epoch_steps,
+    length_grouped_micro_batches,
+    pairs_digest,
+    shard,
+    split_minibatches,
+)
 from tso.train.metrics import MetricsLog, format_step
 from tso.train.reference import RefLogps, lookup, timed_reference
 from tso.train.step import MicroBatch, train_step
@@ -133,9 +141,6 @@ def _mode_ok(train: TrainConfig, ref_module) -> None:
         raise ValueError("train.reference = frozen_copy needs a reference model (ref_module)")
     if train.reference == "policy" and ref_module is not None:
         raise ValueError("train.reference = policy computes the reference with the policy; pass no ref_module")
-    if train.regenerate_self_samples:
-        raise NotImplementedError("train.regenerate_self_samples (re-sampling the policy per mini-batch) is not "
-                                  "implemented by the trainer; pair formation must supply those pairs")
 
 
 def make_frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -178,7 +183,7 @@ def run_minibatch_dpo(
     meta = checkpoint_meta(pairs, train, stage)
     metrics = metrics or MetricsLog(None)
     say = log if (log is not None and rank == 0) else (lambda _s: None)
-    ref_batch = 2 * train.micro_batch
+    ref_batch = train.reference_batch or 4 * train.micro_batch  # no gradients: larger batches fit
     autocast_dtype = getattr(backend, "autocast_dtype", None)
     res = LoopResult(total_steps=plan.total_steps)
 
@@ -220,7 +225,7 @@ def run_minibatch_dpo(
             for s, global_idx in enumerate(steps):
                 mine = shard(global_idx, rank, world)
                 micro = []
-                for part in chunks(mine, train.micro_batch):
+                for part in length_grouped_micro_batches(pairs, mine, train.micro_batch):
                     batch = collate_pair_batch(pairs, part, pad_id, pad_to_multiple_of)
                     rc, rr = lookup(reference, pairs, part) if reference is not None else (None, None)
                     micro.append(MicroBatch(batch, rc, rr))

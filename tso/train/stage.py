@@ -88,20 +88,87 @@ def device_for(train: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def load_model_and_tokenizer(path: str, train: TrainConfig, options: dict[str, Any] | None = None):
-    """The model in fp32 (DeepSpeed keeps its own compute copies) and its tokenizer with the configured
-    chat template, the one the policy's answers were sampled with."""
-    from tso.models.checkpoint import load_causal_lm, load_tokenizer, require_checkpoint
+def training_dtype(train: TrainConfig, backend: str = "deepspeed") -> torch.dtype:
+    """The dtype weights are loaded in. On GPU under DeepSpeed: bf16 (the engine trains bf16 weights and
+    keeps the fp32 master copy in its optimizer, so an fp32 load would only cost a full fp32 copy per
+    worker first). The plain backend keeps fp32 weights and autocasts; on CPU everything is fp32."""
+    return torch.bfloat16 if train.use_gpu and backend == "deepspeed" else torch.float32
 
+
+def check_model_settings(train: TrainConfig, backend: str = "deepspeed") -> None:
+    """What the model-loading settings need, checked before any weight is read (a preflight)."""
+    import importlib.util
+
+    if train.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("train.attn_implementation = flash_attention_2 needs the flash-attn package "
+                         "(pip install flash-attn), which is not installed here; use sdpa")
+    if train.lora is not None and importlib.util.find_spec("peft") is None:
+        raise ValueError("train.lora needs the peft package (pip install peft)")
+
+
+class Zero3Construction:
+    """Partitioned construction for ZeRO-3: while transformers' ``HfDeepSpeedConfig`` is alive,
+    ``from_pretrained`` builds the model under ``deepspeed.zero.Init`` and loads each weight straight
+    into this worker's partition, so no worker ever holds the whole model. transformers keeps only a
+    weak reference: the object is kept on the model (``_tso_zero3``) for as long as the model lives."""
+
+    def __init__(self, train: TrainConfig, use_gpu: bool):
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from tso.train.backend import ensure_process_group
+        from tso.train.deepspeed_config import deepspeed_config
+
+        ensure_process_group(use_gpu)  # zero.Init partitions over the process group ...
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # ... through DeepSpeed's comm
+        self.config = deepspeed_config(train, world_size=dist.world_size(), use_gpu=use_gpu)
+        self.hf = HfDeepSpeedConfig(self.config)
+
+
+def load_model_and_tokenizer(path: str, train: TrainConfig, options: dict[str, Any] | None = None,
+                             backend: str = "deepspeed"):
+    """The model in its training dtype (``training_dtype``), with the configured attention kernel,
+    gradient checkpointing and LoRA adapters, and its tokenizer with the configured chat template, the
+    one the policy's answers were sampled with. Under DeepSpeed ZeRO-3 the weights are loaded
+    partitioned (``Zero3Construction``)."""
+    from transformers import AutoModelForCausalLM
+
+    from tso.models.checkpoint import _hub_kwargs, load_tokenizer, require_checkpoint
+
+    check_model_settings(train, backend)
     require_checkpoint(path)
     tokenizer = load_tokenizer(path, options)
-    model = load_causal_lm(path, options, dtype=torch.float32)
-    model.to(device_for(train))
+    device = device_for(train)
+    zero3 = Zero3Construction(train, train.use_gpu) if backend == "deepspeed" and train.zero_stage == 3 else None
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=training_dtype(train, backend),
+                                                 attn_implementation=train.attn_implementation, **_hub_kwargs(options))
+    if zero3 is None:
+        model.to(device)
+    else:
+        model._tso_zero3 = zero3
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if train.lora is not None:
+        from tso.train.lora import apply_lora
+
+        model = apply_lora(model, train.lora, train.seed)
     if train.compile:
         model.get_decoder().compile(dynamic=True)
     return model, tokenizer
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant, so frozen inputs such as LoRA's
+    need no ``enable_input_require_grads``), KV cache off. transformers checkpoints only in training
+    mode with gradients on, so the boundary reference pass (eval, no_grad) runs without it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
 
 
 def start_worker(job) -> tuple[TrainConfig, int, Any, Any]:
@@ -110,7 +177,7 @@ def start_worker(job) -> tuple[TrainConfig, int, Any, Any]:
     if job.threads:
         torch.set_num_threads(job.threads)
     train = job.train_config
-    model, tokenizer = load_model_and_tokenizer(job.base_path, train, job.options)
+    model, tokenizer = load_model_and_tokenizer(job.base_path, train, job.options, getattr(job, "backend", "deepspeed"))
     return train, dist.rank(), model, tokenizer
 
 
@@ -150,8 +217,10 @@ def run_policy_worker(job: PolicyJob, report=None, resume_dir: str | Path | None
         base_name=job.base_name, loss=train.loss.type, minibatches=train.minibatches, epochs=train.epochs,
         reference=train.reference, steps=res.steps, pairs=len(pairs), seed=train.seed,
         world_size=dist.world_size(), backend=job.backend,
+        lora=train.lora.model_dump(mode="json") if train.lora else None,
     )
-    policy_dir = save_hf_model(backend.module, out / POLICY_DIR, tokenizer, state_dict=weights, lineage=lineage)
+    policy_dir = save_hf_model(backend.module, out / POLICY_DIR, tokenizer, state_dict=weights, lineage=lineage,
+                               lora_export=train.lora.export if train.lora else "merged")
     plot_path = None
     try:
         from tso.train.plots import plot_training
