@@ -8,6 +8,8 @@ faster than TRL's DPOTrainer at equal numerics. Configurations, each in its own 
 - ``tso_deepspeed``: ``run_minibatch_dpo`` on a ``deepspeed.initialize`` engine (ZeRO stage from
   ``--zero-stage``; torch AdamW), K mini-batches, the reference computed by the policy at each boundary.
 - ``tso_torch``: the same loop on the plain-PyTorch engine (shows what DeepSpeed costs in one process).
+- ``tso_torch_compiled``: ``tso_torch`` with ``train.compile`` (the decoder under ``torch.compile``,
+  dynamic shapes); its compile time falls in the warm-up steps and in any step that recompiles.
 - ``trl_tuned``: DPOTrainer, gradient checkpointing off, ``precompute_ref_log_probs=True`` (TRL's own
   version of the hot-swap advantage: one reference pass, no reference model in the steps);
   ``torch_compile=True`` on GPU only (on CPU inductor's compile time dwarfs these short runs).
@@ -81,7 +83,7 @@ GPU_SHAPES = ("gpu-reference",)
 # --quick: the same comparison on a very small model, so that one test can run it (it checks the code, not speed)
 QUICK_SHAPE = {"hidden": 64, "intermediate": 176, "layers": 2, "heads": 4, "vocab": 512,
                "pairs_per_step": 4, "micro_batch": 4, "prompt": 16, "response": 32}
-CONFIGS = ("tso_deepspeed", "tso_torch", "trl_tuned", "trl_ref_model", "trl_shipped")
+CONFIGS = ("tso_deepspeed", "tso_torch", "tso_torch_compiled", "trl_tuned", "trl_ref_model", "trl_shipped")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 
 
@@ -90,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="few steps, no 'as shipped' TRL (a smoke run)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
     p.add_argument("--out", help="JSON path (default benchmarks/results/dpo_<shape>.json)")
-    p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)} "
+                   "(default: all but tso_torch_compiled)")
     p.add_argument("--minibatches", type=int, default=None, help="K (default 3; quick 2)")
     p.add_argument("--epochs", type=int, default=None, help="E per mini-batch (default 2; quick 1)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="optimizer steps per epoch of a mini-batch")
@@ -187,6 +190,10 @@ def run_tso(spec: dict[str, Any]) -> dict[str, Any]:
     pairs, rep = tokenize_pairs(read_pairs(spec["pairs"]), tok, train.max_length)
     assert rep.kept == rep.total, rep.summary()
     plan = plan_stage(len(pairs), train, stage=1)
+    if spec.get("compile"):
+        from tso.train.stage import compile_decoder
+
+        compile_decoder(model)
     backend = make_backend(spec["engine"], model, train, plan.total_steps, use_gpu=spec["gpu"])
     metrics_path = Path(spec["result"]).with_suffix(".metrics.jsonl")  # one file per run
     metrics_path.unlink(missing_ok=True)
@@ -211,7 +218,9 @@ def run_tso(spec: dict[str, Any]) -> dict[str, Any]:
         phases["steps_total_s"] = sum(s_["step_time_s"] for s_ in steps)
         phases["other_in_steps_s"] = phases["steps_total_s"] - phases["forward_s"] - phases["backward_s"] - phases["step_s"]
     return {
-        "engine": backend.kind, "steps": len(steps), "timed_steps": len(steps) - w, "phases_s": phases,
+        "engine": backend.kind, "compiled": bool(spec.get("compile")),
+        "warmup_steps_time_s": sum(s_["step_time_s"] for s_ in steps[:w]), "steps": len(steps),
+        "timed_steps": len(steps) - w, "phases_s": phases,
         "timed_tokens": sum(s_["tokens"] for s_ in steps[w:]),
         "mean_tokens_per_pair": sum(p.num_tokens for p in pairs) / len(pairs),
         "window_s": window - inside, "reference_time_s": res.reference_time_s, "reference_passes": len(refs),
@@ -445,7 +454,8 @@ def main(argv=None) -> int:
         return 2
     G = shape["pairs_per_step"]
     n_pairs = K * spe * G
-    configs = args.configs.split(",") if args.configs else [c for c in CONFIGS if not (args.quick and c == "trl_shipped")]
+    configs = args.configs.split(",") if args.configs else [
+        c for c in CONFIGS if c != "tso_torch_compiled" and not (args.quick and c == "trl_shipped")]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         print(f"error: unknown configurations {unknown} (have {list(CONFIGS)})", file=sys.stderr)
@@ -473,7 +483,8 @@ def main(argv=None) -> int:
     for rep, name in order:
         spec = dict(base_spec, name=name, result=str(workdir / f"{name}.{rep}.json"))
         if name.startswith("tso_"):
-            spec.update(kind="tso", engine=name.removeprefix("tso_"))
+            spec.update(kind="tso", engine=name.removeprefix("tso_").removesuffix("_compiled"),
+                        compile=name.endswith("_compiled"))
         else:
             spec.update(kind="trl", variant=name.removeprefix("trl_"))
             if name == "trl_shipped" and not args.quick:
@@ -521,7 +532,7 @@ def main(argv=None) -> int:
         return None
 
     pairs_of = [(a, b) for a in ("tso_deepspeed", "tso_torch") for b in ("trl_tuned", "trl_ref_model", "trl_shipped")]
-    pairs_of.append(("tso_deepspeed", "tso_torch"))
+    pairs_of += [("tso_deepspeed", "tso_torch"), ("tso_torch_compiled", "tso_torch")]
     ratios = {f"{a}_vs_{b}": ratio(a, b) for a, b in pairs_of if ratio(a, b) is not None}
     ratios_median = {f"{a}_vs_{b}": ratio(a, b, "pairs_per_s_median") for a, b in pairs_of
                      if ratio(a, b, "pairs_per_s_median") is not None}

@@ -86,3 +86,26 @@ def served_app(cfg, port: int):
     finally:
         serve.delete(cfg.serve.app_name)
         serve.shutdown()
+
+
+def model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved model directory (one safetensors file: the tiny models' layout)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two models' weights (the same keys, or the test fails)."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def large_vocab_llama(vocab: int, kv_heads: int = 4, tied: bool = False):
+    """A 2-layer Llama whose vocabulary dwarfs its width, so the LM head's log-probs dominate (seed 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=kv_heads,
+                                        max_position_embeddings=256, tie_word_embeddings=tied))

@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.helpers import large_vocab_llama
 from tso.method import logprobs as lp
 from tso.method.logprobs import ChunkedTokenLogps, collate_pairs, head_token_logps, pack_rows, sequence_logprobs
 
@@ -20,11 +20,7 @@ VOCAB = 8192
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    m = LlamaForCausalLM(cfg)
+    m = large_vocab_llama(VOCAB, kv_heads=2, tied=False)
     m.eval()  # no dropout either way; eval keeps HF from warning about caches
     return m
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, max_weight_diff, model_weights
 from tests.toydata import arithmetic_pairs, toy_feedback, write_jsonl, write_pairs
 from tso.config import TrainConfig
 from tso.train.data import encode_prompt, epoch_steps, read_pairs, shard, split_minibatches, tokenize_pairs
@@ -41,17 +41,6 @@ def _train(**over) -> TrainConfig:
 def _job(train: TrainConfig, pairs: Path, base: Path, out: Path, backend: str = "torch") -> PolicyJob:
     return PolicyJob(train=train.model_dump(mode="json"), pairs_path=str(pairs), base_path=str(base),
                      out_dir=str(out), stage=1, config_hash="test", backend=backend)
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +216,7 @@ def test_frozen_copy_reference_gives_the_same_training(tmp_path, run_policy, pai
                              log=None, checkpoints=False)
     a, b = read_steps(run_policy.metrics_path), read_steps(res.metrics_path)
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
-    assert _max_diff(_weights(Path(run_policy.policy_dir)), _weights(Path(res.policy_dir))) < 1e-5
+    assert max_weight_diff(model_weights(Path(run_policy.policy_dir)), model_weights(Path(res.policy_dir))) < 1e-5
 
 
 def test_resume_after_failure_matches_uninterrupted_run_without_redoing_minibatches(tmp_path, run_policy, pairs_file,
@@ -245,7 +234,7 @@ def test_resume_after_failure_matches_uninterrupted_run_without_redoing_minibatc
     assert {r["minibatch"] for r in resumed} == {3} and [r["step"] for r in resumed] == list(range(13, 19))
     assert sorted(r["step"] for r in records if r["minibatch"] < 3) == list(range(1, 13))  # done once
     assert [r["kind"] for r in read_kind(res.metrics_path, "reference")] == ["reference"] * 3  # no extra ref pass
-    assert _max_diff(_weights(Path(run_policy.policy_dir)), _weights(Path(res.policy_dir))) < 1e-6
+    assert max_weight_diff(model_weights(Path(run_policy.policy_dir)), model_weights(Path(res.policy_dir))) < 1e-6
     lineage = json.loads((Path(res.policy_dir) / "lineage.json").read_text())
     assert lineage["stage"] == 1 and lineage["base"] == str(tiny_model_dir) and lineage["data"] == str(pairs_file)
 
@@ -272,7 +261,7 @@ def test_keep_checkpoints_one_keeps_only_the_last_boundary_and_resumes_from_it(t
     res = train_policy_local(job, log=None)
     assert res.summary["resumed_from"] == 2
     assert _names(ckpts) == ["stage1_boundary_03"] and res.checkpoints == [str(ckpts / "stage1_boundary_03")]
-    assert _max_diff(_weights(Path(run_policy.policy_dir)), _weights(Path(res.policy_dir))) < 1e-6
+    assert max_weight_diff(model_weights(Path(run_policy.policy_dir)), model_weights(Path(res.policy_dir))) < 1e-6
     assert _names(out / ".tmp") == ["tso-boundary3-rank1-other"]  # rank 0's leftover removed, rank 1's its own
     assert [p.name for p in system_tmp.iterdir() if p.name.startswith("tso-")] == []
 
@@ -324,7 +313,7 @@ def test_outputs_policy_dir_lineage_metrics_and_plot(run_policy, tiny_model_dir)
     policy = Path(run_policy.policy_dir)
     model = AutoModelForCausalLM.from_pretrained(policy)
     assert model is not None and (policy / "tokenizer.json").is_file()
-    assert _max_diff(_weights(policy), _weights(Path(tiny_model_dir))) > 1e-3  # it did train
+    assert max_weight_diff(model_weights(policy), model_weights(Path(tiny_model_dir))) > 1e-3  # it did train
     lineage = json.loads((policy / "lineage.json").read_text())
     assert lineage["kind"] == "policy" and lineage["config_hash"] == "test" and lineage["minibatches"] == 3
     boundaries = read_kind(run_policy.metrics_path, "boundary")
@@ -466,7 +455,7 @@ def test_deepspeed_engine_in_one_process_matches_plain_torch(tmp_path, pairs_fil
     ds_steps = read_steps(tmp_path / "ds" / "metrics.jsonl")
     assert [r["loss"] for r in ds_steps] == pytest.approx([r["loss"] for r in read_steps(run_policy.metrics_path)],
                                                           abs=1e-5)
-    assert _max_diff(_weights(tmp_path / "ds" / "policy"), _weights(Path(run_policy.policy_dir))) < 1e-5
+    assert max_weight_diff(model_weights(tmp_path / "ds" / "policy"), model_weights(Path(run_policy.policy_dir))) < 1e-5
 
 
 # ----------------------------------------------------------------------------- CLI

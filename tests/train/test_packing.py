@@ -9,8 +9,8 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.helpers import large_vocab_llama
 from tso.config import LossConfig
 from tso.method.logprobs import pair_logprobs
 from tso.method.losses import preference_loss
@@ -22,11 +22,7 @@ VOCAB = 4096
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg)
+    return large_vocab_llama(VOCAB, kv_heads=4, tied=True)
 
 
 def _pairs(n=12, seed=3) -> list[TokenizedPair]:

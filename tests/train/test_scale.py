@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, max_weight_diff, model_weights
 from tests.toydata import arithmetic_pairs, write_pairs
 from tso.config import ConfigError, TrainConfig, parse_config
 from tso.train.metrics import read_kind, read_steps
@@ -35,21 +35,9 @@ def _train(**over) -> TrainConfig:
     return TrainConfig.model_validate(base)
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(path) / "model.safetensors"))
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
     return write_pairs(arithmetic_pairs(48, seed=1), tmp_path_factory.mktemp("scale_pairs") / "pairs.parquet")
-
 
 
 def _load(train: TrainConfig, model_dir: Path, backend: str = "torch"):
@@ -190,6 +178,13 @@ def test_deepspeed_override_is_checked_again_at_the_real_world_size_and_model_se
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(ValueError, match="needs the flash-attn package"):
             check_model_settings(fa2)
+        from tso.train.ray_trainer import preflight_judge, preflight_policy
+
+        # the driver's preflights say so before they look for a model or a pairs file
+        with pytest.raises(ValueError, match="needs the flash-attn package"):
+            preflight_policy(fa2, "/nowhere/pairs.parquet", "/nowhere/model", 1)
+        with pytest.raises(ValueError, match="needs the flash-attn package"):
+            preflight_judge(fa2, "/nowhere/feedback.jsonl", "/nowhere/model", None)
     check_model_settings(parse_config(_cfg({"lora": {"r": 4}})).train)  # peft is installed: no error
 
 
@@ -275,26 +270,28 @@ LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 
 @pytest.fixture(scope="module")
 def zero3_runs(tmp_path_factory, pairs_file, tiny_model_dir):
-    """Run A: ZeRO-3 on 2 workers with gradient checkpointing, uninterrupted, keeping its boundary
+    """Run A: ZeRO-3 + LoRA on 2 workers with gradient checkpointing, uninterrupted, keeping its boundary
     checkpoints; run B: the same, resumed from A's first boundary; the same training in one process on
-    the plain torch backend (1 worker, the same 8-pair steps as 2 x 4)."""
+    the plain torch backend (1 worker, the same 8-pair steps as 2 x 4). One pair of runs covers ZeRO-3
+    and LoRA under it: each 2-worker run costs about half a minute idle and several under CI's load."""
     from tso.train.stage import PolicyJob, train_policy_local
 
     tmp = tmp_path_factory.mktemp("zero3")
-    train = _train(**ZERO3)
+    train = _train(**ZERO3, lora=LORA, optimizer={"lr": 1e-2})
     spec = {"train": train.model_dump(mode="json"), "pairs": str(pairs_file), "base": str(tiny_model_dir)}
     a = {**spec, "out": str(tmp / "a"), "ckpt_root": str(tmp / "a_ckpts")}
     run_two_workers(tmp, a)
     b = {**spec, "out": str(tmp / "b"), "ckpt_root": str(tmp / "b_ckpts"), "resume": str(tmp / "a_ckpts" / "boundary_01")}
     run_two_workers(tmp, b)
-    plain = train_policy_local(PolicyJob(train=_train(keep_checkpoints=2).model_dump(mode="json"),
-                                         pairs_path=str(pairs_file), base_path=str(tiny_model_dir),
-                                         out_dir=str(tmp / "plain"), config_hash="test", backend="torch"), log=None)
+    one = _train(keep_checkpoints=2, lora=LORA, optimizer={"lr": 1e-2})
+    plain = train_policy_local(PolicyJob(train=one.model_dump(mode="json"), pairs_path=str(pairs_file),
+                                         base_path=str(tiny_model_dir), out_dir=str(tmp / "plain"),
+                                         config_hash="test", backend="torch"), log=None)
     return tmp, plain
 
 
 @pytest.mark.timeout(900)
-def test_zero3_two_workers_load_partitioned_and_train_as_one_process(zero3_runs, pairs_file):
+def test_zero3_lora_two_workers_load_partitioned_and_train_as_one_process(zero3_runs, pairs_file, tiny_model_dir):
     tmp, plain = zero3_runs
     for rank in (0, 1):  # right after loading, before the engine: each rank holds a partition, not the model
         held = json.loads((tmp / "a" / f"load_rank{rank}.json").read_text())
@@ -302,7 +299,7 @@ def test_zero3_two_workers_load_partitioned_and_train_as_one_process(zero3_runs,
     a_steps, p_steps = read_steps(tmp / "a" / "metrics.jsonl"), read_steps(plain.metrics_path)
     assert len(a_steps) == len(p_steps) == 2 * 2 * 3
     assert [r["loss"] for r in a_steps] == pytest.approx([r["loss"] for r in p_steps], abs=1e-4)
-    assert a_steps[-1]["loss"] < math.log(2) - 0.01
+    assert min(r["loss"] for r in a_steps) < math.log(2) - 0.005  # the adapters learn
     # reference log-probs at the boundary: computed by the 2 partitioned workers, as by the one process
     from tso.train.checkpoint import read_reference
 
@@ -318,15 +315,18 @@ def test_zero3_two_workers_load_partitioned_and_train_as_one_process(zero3_runs,
     # the export: a full HF directory gathered from the partitions, equal to the one-process policy
     from transformers import AutoModelForCausalLM
 
-    exported = _weights(tmp / "a" / "policy")
-    assert _max_diff(exported, _weights(Path(plain.policy_dir))) < 1e-4
+    exported = model_weights(tmp / "a" / "policy")
+    assert max_weight_diff(exported, model_weights(Path(plain.policy_dir))) < 1e-4
     model = AutoModelForCausalLM.from_pretrained(str(tmp / "a" / "policy"))
-    assert sum(p.numel() for p in model.parameters()) == held["full"]
-    assert _max_diff(_weights(tmp / "a_ckpts" / "boundary_01" / "policy"),
-                     _weights(Path(plain.out_dir) / "checkpoints" / "stage1_boundary_01" / "policy")) < 1e-4
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
+    # merged LoRA: the base's own keys, moved by the adapters
+    assert max_weight_diff(exported, model_weights(tiny_model_dir)) > 1e-4 and not any("lora" in k for k in exported)
+    assert max_weight_diff(model_weights(tmp / "a_ckpts" / "boundary_01" / "policy"),
+                     model_weights(Path(plain.out_dir) / "checkpoints" / "stage1_boundary_01" / "policy")) < 1e-4
 
 
-def test_zero3_two_workers_resume_from_a_boundary_checkpoint(zero3_runs):
+def test_zero3_lora_two_workers_resume_from_a_boundary_checkpoint(zero3_runs):
     tmp, _ = zero3_runs
     summary = json.loads((tmp / "b" / "summary.json").read_text())
     assert summary["resumed_from"] == 1 and summary["steps"] == 12
@@ -335,28 +335,7 @@ def test_zero3_two_workers_resume_from_a_boundary_checkpoint(zero3_runs):
     assert [r["step"] for r in b_steps] == list(range(7, 13))  # mini-batch 1 was not redone
     assert [r["loss"] for r in b_steps] == pytest.approx([r["loss"] for r in a_steps[6:]], abs=1e-6)
     assert b_steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the stored reference of mini-batch 2
-    assert _max_diff(_weights(tmp / "b" / "policy"), _weights(tmp / "a" / "policy")) < 1e-6
-
-
-@pytest.mark.timeout(600)
-def test_zero3_two_workers_with_lora_train_as_one_process(tmp_path, pairs_file, tiny_model_dir):
-    """ZeRO-3 + LoRA + checkpointing on 2 workers; the adapters start from train.seed in every process."""
-    from tso.train.stage import PolicyJob, train_policy_local
-
-    tmp = tmp_path
-
-    train = _train(**ZERO3, lora=LORA, optimizer={"lr": 1e-2})
-    spec = {"train": train.model_dump(mode="json"), "pairs": str(pairs_file), "base": str(tiny_model_dir),
-            "out": str(tmp / "z3lora"), "ckpt_root": str(tmp / "z3lora_ckpts")}
-    run_two_workers(tmp, spec)
-    plain = train_policy_local(PolicyJob(train=_train(lora=LORA, optimizer={"lr": 1e-2}).model_dump(mode="json"),
-                                         pairs_path=str(pairs_file), base_path=str(tiny_model_dir),
-                                         out_dir=str(tmp / "plain"), config_hash="test", backend="torch"), log=None)
-    z_steps, p_steps = read_steps(tmp / "z3lora" / "metrics.jsonl"), read_steps(plain.metrics_path)
-    assert [r["loss"] for r in z_steps] == pytest.approx([r["loss"] for r in p_steps], abs=1e-4)
-    merged = _weights(tmp / "z3lora" / "policy")
-    assert _max_diff(merged, _weights(Path(plain.policy_dir))) < 1e-4
-    assert _max_diff(merged, _weights(tiny_model_dir)) > 1e-4 and not any("lora" in k for k in merged)
+    assert max_weight_diff(model_weights(tmp / "b" / "policy"), model_weights(tmp / "a" / "policy")) < 1e-6
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -415,7 +394,7 @@ def test_lora_exports_merged_by_default_and_adapter_on_request(tmp_path, tiny_mo
     assert float((want - base_logits).abs().max()) > 1e-3
     save_hf_model(model, tmp_path / "merged", tok, lineage={"kind": "policy"})
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
-    assert set(_weights(tmp_path / "merged")) == set(_weights(tiny_model_dir))  # the base's own keys, no lora_
+    assert set(model_weights(tmp_path / "merged")) == set(model_weights(tiny_model_dir))  # the base's own keys, no lora_
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     assert (tmp_path / "merged" / "lineage.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
     save_hf_model(model, tmp_path / "adapter", tok, lora_export="adapter")

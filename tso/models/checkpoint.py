@@ -55,12 +55,15 @@ def load_config(path: str | Path, options: dict[str, Any] | None = None):
     return AutoConfig.from_pretrained(str(path), **_hub_kwargs(options))
 
 
-def load_causal_lm(path: str | Path, options: dict[str, Any] | None = None, dtype=None):
+def load_causal_lm(path: str | Path, options: dict[str, Any] | None = None, dtype=None,
+                   attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
     kwargs = _hub_kwargs(options)
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 

@@ -311,7 +311,9 @@ def preflight_policy(train, pairs_path: str, base_path: str, stage: int, options
     from tso.models.checkpoint import load_tokenizer, require_checkpoint
     from tso.train.data import read_pairs, tokenize_pairs
     from tso.train.minibatch import plan_stage
+    from tso.train.stage import check_model_settings
 
+    check_model_settings(train)
     require_checkpoint(base_path)
     tokenizer = load_tokenizer(base_path, options)
     pairs, rep = tokenize_pairs(read_pairs(pairs_path), tokenizer, train.max_length)
@@ -327,7 +329,9 @@ def preflight_judge(train, feedback_path: str, base_path: str, max_examples: int
     from tso.models.checkpoint import load_tokenizer, require_checkpoint
     from tso.train.feedback import read_feedback
     from tso.train.sft import sft_total_steps
+    from tso.train.stage import check_model_settings
 
+    check_model_settings(train)
     require_checkpoint(base_path)
     tokenizer = load_tokenizer(base_path, options)
     examples, rep = read_feedback(feedback_path, tokenizer, train.max_length, max_examples)

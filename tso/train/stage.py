@@ -131,17 +131,15 @@ def load_model_and_tokenizer(path: str, train: TrainConfig, options: dict[str, A
     gradient checkpointing and LoRA adapters, and its tokenizer with the configured chat template, the
     one the policy's answers were sampled with. Under DeepSpeed ZeRO-3 the weights are loaded
     partitioned (``Zero3Construction``)."""
-    from transformers import AutoModelForCausalLM
-
-    from tso.models.checkpoint import _hub_kwargs, load_tokenizer, require_checkpoint
+    from tso.models.checkpoint import load_causal_lm, load_tokenizer, require_checkpoint
 
     check_model_settings(train, backend)
     require_checkpoint(path)
     tokenizer = load_tokenizer(path, options)
     device = device_for(train)
     zero3 = Zero3Construction(train, train.use_gpu) if backend == "deepspeed" and train.zero_stage == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=training_dtype(train, backend),
-                                                 attn_implementation=train.attn_implementation, **_hub_kwargs(options))
+    model = load_causal_lm(path, options, dtype=training_dtype(train, backend),
+                           attn_implementation=train.attn_implementation)
     if zero3 is None:
         model.to(device)
     else:
@@ -155,8 +153,14 @@ def load_model_and_tokenizer(path: str, train: TrainConfig, options: dict[str, A
 
         model = apply_lora(model, train.lora, train.seed)
     if train.compile:
-        model.get_decoder().compile(dynamic=True)
+        compile_decoder(model)
     return model, tokenizer
+
+
+def compile_decoder(model) -> None:
+    """torch.compile the decoder stack in place (dynamic shapes: pair lengths vary); the LM head stays
+    eager because the chunked log-probs already bound its memory and it runs on response positions only."""
+    model.get_decoder().compile(dynamic=True)
 
 
 def enable_gradient_checkpointing(model) -> None:
