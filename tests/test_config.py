@@ -284,7 +284,7 @@ def test_set_overrides_name_the_item_and_apply_as_yaml(tmp_path):
 def test_standalone_baselines_have_their_own_run_dir_and_no_nested_baselines():
     from tso.config import builtin_config_path, method_overrides
 
-    for name in ("dpo", "ipo", "cdpo", "self_reward"):
+    for name in ("dpo", "ipo", "cdpo", "self_reward", "rso"):
         cfg = load_config(builtin_config_path(name))
         assert cfg.run_dir.endswith(f"runs/{name}") and cfg.baselines == [] and cfg.name == name
         _, overrides = method_overrides(f"builtin:{name}")

@@ -30,8 +30,11 @@ def _check(args) -> int:
     cfg = load_config(resolve_config_ref(args.config))
     mix = cfg.mixtures()
     print(f"{args.config}: ok ({len(cfg.matrix.models)} models, base {cfg.matrix.base}, {cfg.stages} stages)")
-    print(f"  positives (alpha): {mix.alpha}")
-    print(f"  negatives (gamma): {mix.gamma}")
+    if cfg.pairs.mode in ("self_reward", "rso"):
+        print(f"  pairs.mode {cfg.pairs.mode}: the policy's own judged samples only (no matrix answers)")
+    else:
+        print(f"  positives (alpha): {mix.alpha}")
+        print(f"  negatives (gamma): {mix.gamma}")
     return 0
 
 

@@ -164,6 +164,10 @@ class JudgeTrainConfig(_Section):
 class JudgeConfig(CheckpointOptions):
     path: str | None = Field(None, description="A trained judge; default <run_dir>/judge after stage 0.")
     feedback: str | None = Field(None, description="Feedback JSONL for evaluation correction (stage 0).")
+    held_out: str | None = Field(
+        None, description="Held-out scored feedback JSONL (judge.feedback's format, other prompts): after stage 0 "
+        "the judge, the uncorrected base and a length-only predictor are measured on it (judge_quality.json).")
+    held_out_max: int = Field(200, ge=3, description="Judge at most this many held-out records (a fixed random sample).")
     dimensions: list[str] = Field(
         default_factory=lambda: ["correctness", "conciseness"], min_length=1, description="Rubric dimensions scored."
     )
@@ -193,10 +197,28 @@ class JudgeFilterConfig(_Section):
     delta: float = Field(0.0, ge=0)
 
 
+class RsoConfig(_Section):
+    """RSO's knobs (pairs.mode: rso), with the RSO paper's defaults: 64 samples drawn, 8 accepted, beta 0.5."""
+
+    samples: int = Field(64, ge=2, le=64, description="Policy samples per prompt, each scored by the judge (the reward).")
+    accepted: int = Field(8, ge=2, le=64, description="Samples the rejection sampler keeps per prompt, then paired two by two.")
+    beta: float = Field(0.5, gt=0, description="Temperature of the target pi*(y|x) ~ pi(y|x) exp(r / beta), in score units.")
+    normaliser: Literal["max"] | float = Field(
+        "max", description="M in the acceptance test u < exp((r - M) / beta): 'max' is the best remaining reward each "
+        "round (RSO's algorithm), a number a fixed bound such as 10, the score scale's top.")
+
+    @model_validator(mode="after")
+    def _accepted_within_samples(self) -> RsoConfig:
+        if self.accepted > self.samples:
+            raise ValueError(f"accepted ({self.accepted}) cannot exceed samples ({self.samples})")
+        return self
+
+
 class PairsConfig(_Section):
-    mode: Literal["tso", "self_reward"] = Field(
-        "tso", description="self_reward: only the policy's own judged samples, best vs worst (paper Table 5 baseline)."
-    )
+    mode: Literal["tso", "self_reward", "rso"] = Field(
+        "tso", description="self_reward: only the policy's own judged samples, best vs worst (paper Table 5 baseline); "
+        "rso: the policy's own samples, judged, kept by statistical rejection sampling and paired (pairs.rso).")
+    rso: RsoConfig = Field(default_factory=RsoConfig)
     prompts: str | None = Field(None, description="Prompts JSONL/Parquet (prompt, human response, id).")
     human_weight: float = Field(0.5, ge=0, le=1, description="alpha of the human responses source.")
     positive_sources: list[str] | None = Field(None, description="Explicit positive models (overrides roles).")
@@ -346,7 +368,9 @@ class TrainConfig(_Section):
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
     max_length: int = Field(2048, ge=8, description="Longer prompt+response pairs are reported and skipped.")
     seed: int = 43
-    log_every: int = Field(1, ge=1, description="Steps between metric lines.")
+    log_every: int | None = Field(
+        None, ge=1, description="Steps between printed step lines (metrics.jsonl holds every step); default: about "
+        "20 lines per stage, plus the last step of each epoch.")
     keep_checkpoints: int = Field(
         1, ge=1, description="Boundary checkpoints kept per stage (the newest; resume needs only the last)."
     )
@@ -538,7 +562,8 @@ class RunConfig(_Section):
 # ----------------------------------------------------------------------------- loading
 
 _VAR = re.compile(r"\$\{(\w+)\}")
-_PATH_FIELDS = (("run_dir",), ("judge", "path"), ("judge", "feedback"), ("pairs", "prompts"), ("eval", "prompts"))
+_PATH_FIELDS = (("run_dir",), ("judge", "path"), ("judge", "feedback"), ("judge", "held_out"), ("pairs", "prompts"),
+                ("eval", "prompts"))
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _LOCAL_PREFIXES = ("/", "./", "../", "~", "${")
 

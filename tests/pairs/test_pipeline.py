@@ -244,3 +244,18 @@ def test_a_request_that_fails_inside_a_model_fails_its_row_only(model_dirs, prom
     failed = {f["source"] for f in huge["failed"]}
     assert failed <= {"c", "a1", "a2"} and "c" in failed  # the only positive source failed: no redraw left
     assert all(f["code"] == "prompt_too_long" for f in huge["failed"])
+
+
+def test_rso_mode_samples_judges_and_rejection_samples_the_policys_answers(app, model_dirs, prompts_file, tmp_path):
+    """pairs.mode rso: the policy alone answers, rso.samples times per prompt, every answer judged; the
+    sampler keeps rso.accepted per prompt. This judge scores every answer 5.0, so every accepted couple
+    ties: RSO has no preference to learn and forms no pair (counted), never a made-up one."""
+    cfg = make_cfg(model_dirs, prompts_file, tmp_path, mode="rso", rso={"samples": 6, "accepted": 4})
+    res = form_pairs_step(cfg, 1, tmp_path / "rso", app_name=APP, batch_size=8, concurrency=1)
+    s = res["summary"]
+    valid = N_PROMPTS - 2
+    assert s["pairs"] == 0 and s["pair_kinds"] == {} and s["no_pair"] == {"no_self_pair": valid}
+    assert s["rso"] == {"accepted": 4 * valid, "ties": 2 * valid}
+    assert sum(s["score_histograms"]["self"].values()) == 6 * valid  # 6 policy samples per prompt, judged
+    assert sum(s["score_histograms"]["pos"].values()) == sum(s["score_histograms"]["neg"].values()) == 0
+    assert s["drawn_sources"] == {"positive": {}, "negative": {}}  # no matrix answer was asked for

@@ -65,6 +65,7 @@ def micro_config(home: Path, run_dir: Path) -> dict:
         "name": "micro", "run_dir": str(run_dir), "seed": 5, "stages": 2,
         "matrix": matrix,
         "judge": {"feedback": str(data / "feedback_train.jsonl"), "engine": engine, "resources": res,
+                  "held_out": str(data / "feedback_eval.jsonl"), "held_out_max": 24,
                   "sampling": {"temperature": 0.0, "max_new_tokens": 40},
                   "train": {"lr": 2e-3, "epochs": 1, "global_batch": 16, "micro_batch": 8}},
         # the fixture's models are barely trained and rarely stop within 12 tokens: keep their cut answers
@@ -144,12 +145,31 @@ def test_ray_job_submit_micro_run_resumes_after_the_driver_is_killed(head, tmp_p
     logs = _ray("job", "logs", f"--address={ADDRESS}", job2, env=env).stdout
     assert _status(env, job2) == "SUCCEEDED", logs[-6000:]
     assert "stage 1 pairs: done before" in logs
+    assert "judge quality: measured before" in logs  # the second driver did not measure the judge again
     assert (run_dir / "stage-1" / "pairs" / "pairs.parquet").stat().st_mtime_ns == stamp
 
     # every artifact, by content
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["status"] == "done" and len(meta["policies"]) == 2
     assert (run_dir / "judge" / "config.json").is_file()
+    # the judge's quality: the run's judge and the uncorrected base on the same held-out records
+    quality = json.loads((run_dir / "judge_quality.json").read_text())
+    assert quality["records"] == 24 and quality["dimensions"] == ["conciseness", "correctness"]
+    assert quality["judge_path"] == str(run_dir / "judge") and quality["base_path"] == str(home / "zoo" / "v2-m")
+    for side in ("judge", "base"):
+        assert quality[side]["n"] == 24 and 0 <= quality[side]["parse_rate"] <= 1
+    for side in ("judge", "base"):  # an answer without a score is a miss, counted by reason, never a number
+        unscored = sum(quality[side]["unscored_reasons"].values())
+        assert quality[side]["parse_rate"] == pytest.approx(1 - unscored / 24)
+    # the length-only floor, recomputed from the same held-out records (the same fixed sample)
+    from tso.run.judge_quality import length_only, read_held_out, spread
+
+    records = spread(read_held_out(home / "data" / "feedback_eval.jsonl")[0], 24)
+    floor = length_only(records, [r["score"] for r in records], [r["dimension"] for r in records])
+    assert quality["length_only"] == floor and set(floor["spearman_per_dimension"]) == {"conciseness", "correctness"}
+    assert meta["judge"]["quality"] == {"records": 24, "holds": quality["rule"]["holds"]}
+    judge_summary = json.loads((run_dir / "judge_train" / "summary.json").read_text())
+    assert judge_summary["quality"]["judge"] == quality["judge"]
     for t in (1, 2):
         rows = pq.read_table(run_dir / f"stage-{t}" / "pairs" / "pairs.parquet").to_pylist()
         assert rows and all(r["chosen_source"] and r["rejected_source"] and r["stage"] == t for r in rows)
@@ -169,6 +189,7 @@ def test_ray_job_submit_micro_run_resumes_after_the_driver_is_killed(head, tmp_p
     report = (run_dir / "report.md").read_text()
     for label in ("base", "tso-1", "tso-2"):
         assert f"| {label} |" in report
+    assert "Judge quality on 24 held-out feedback records" in report and "| uncorrected base |" in report
     evals = {json.loads(p.read_text())["label"]: json.loads(p.read_text()) for p in (run_dir / "eval").glob("*.json")}
     assert set(evals) == {"base", "tso-1", "tso-2"} and all(e["n"] == 8 for e in evals.values())
     assert all(2 <= e["verifier_mean"] <= 10 for e in evals.values())

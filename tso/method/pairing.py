@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from tso.method.rso import first_round_pairs, rso_accept
 from tso.method.sources import row_rng
 
 
@@ -36,7 +37,7 @@ class Pair:
     rejected_source: str
     chosen_score: float | None
     rejected_score: float | None
-    kind: str  # matrix | self | self_chosen | self_rejected | self_reward
+    kind: str  # matrix | self | self_chosen | self_rejected | self_reward | rso
     stage: int
     seed: int
     alpha_renormalized: bool = False
@@ -57,7 +58,10 @@ class PairRules:
     self_pair_fraction: float = 0.5
     judge_filter: bool = False
     delta: float = 0.0
-    mode: str = "tso"  # "self_reward": best vs worst of the policy's own samples only
+    mode: str = "tso"  # "self_reward": best vs worst of the policy's own samples; "rso": rejection sampled
+    rso_accepted: int = 8
+    rso_beta: float = 0.5
+    rso_normaliser: str | float = "max"
 
     @classmethod
     def from_config(cls, pairs_cfg) -> PairRules:
@@ -68,6 +72,9 @@ class PairRules:
             judge_filter=pairs_cfg.judge_filter.enabled,
             delta=pairs_cfg.judge_filter.delta,
             mode=pairs_cfg.mode,
+            rso_accepted=pairs_cfg.rso.accepted,
+            rso_beta=pairs_cfg.rso.beta,
+            rso_normaliser=pairs_cfg.rso.normaliser,
         )
 
 
@@ -91,6 +98,21 @@ def route_self_samples(samples: list[Candidate], rules: PairRules) -> tuple[Cand
     if neg is None and pos is None and worst.score <= rules.tau_neg:
         neg = worst
     return pos, neg
+
+
+def rso_combos(prompt_id: str, samples: list[Candidate], rules: PairRules, *, stage: int, seed: int,
+               counts: dict[str, int]) -> list[tuple[Candidate, Candidate]]:
+    """RSO's pairs of one prompt: the scored samples through the rejection sampler, then paired. Unscored
+    samples take no part (no reward, never a default one); the draws are keyed to the prompt."""
+    scored = [s for s in samples if s.score is not None]
+    rewards = [s.score for s in scored]
+    rng = row_rng(seed, stage, prompt_id, "rso")
+    accepted = rso_accept(rewards, rules.rso_accepted, rules.rso_beta, rng, rules.rso_normaliser)
+    pairs, ties = first_round_pairs(accepted, rewards, rng)
+    counts["rso_accepted"] = len(accepted)
+    if ties:
+        counts["rso_ties"] = ties
+    return [(scored[a], scored[b]) for a, b in pairs]
 
 
 def passes_judge_filter(chosen: Candidate, rejected: Candidate, rules: PairRules) -> bool:
@@ -123,7 +145,12 @@ def form_pairs(
     """
     counts: dict[str, int] = {}
     self_pos, self_neg = route_self_samples(self_samples, rules) if try_self else (None, None)
-    if rules.mode == "self_reward":
+    if rules.mode == "rso":
+        combos, kind = rso_combos(prompt_id, self_samples, rules, stage=stage, seed=seed, counts=counts), "rso"
+        if not combos:
+            counts["no_self_pair"] = 1
+            return [], counts
+    elif rules.mode == "self_reward":
         scored = [s for s in self_samples if s.score is not None]
         best = max(scored, key=lambda s: s.score, default=None)
         worst = min(scored, key=lambda s: s.score, default=None)

@@ -123,7 +123,7 @@ class RowLimits:
                 dropped = _reject(row, "human_too_long", problem, scope="human_answer_dropped")
                 row = {**row, "human": None}
         row = {**row, "unavailable": sorted(unavailable)}
-        if self.cfg.pairs.mode != "self_reward":
+        if self.cfg.pairs.mode not in ("self_reward", "rso"):  # no matrix answers in these modes
             mix = self.cfg.mixtures()
             for side, weights in (("positive", mix.alpha), ("negative", mix.gamma)):
                 left = [n for n, w in weights.items()

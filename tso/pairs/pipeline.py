@@ -38,6 +38,7 @@ from tso.serving.client import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, POLICY, Model
 
 #: counts of form_pairs that are not pair kinds
 NO_PAIR_KEYS = ("filtered", "no_positive", "no_negative", "no_self_pair")
+SAMPLER_KEYS = ("rso_accepted", "rso_ties")  # what RSO's rejection sampler did (pairs.mode: rso)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class PairJob:
             rules=PairRules.from_config(p),
             n_pos=p.n_pos,
             n_neg=p.n_neg,
-            n_self=p.n_self,
+            n_self=p.rso.samples if p.mode == "rso" else p.n_self,
             sampling=p.sampling.model_dump(),
             stage=stage,
             seed=cfg.seed,
@@ -82,7 +83,7 @@ def _available(job: PairJob, row: dict, side: str, exclude: set[str] = frozenset
 def _plan_row(job: PairJob, row: dict) -> dict:
     """The keyed draws of one prompt: which sources answer, with which seeds."""
     pid, stage, seed = row["id"], job.stage, job.seed
-    if job.rules.mode == "self_reward":  # no matrix answers: the policy's own samples only
+    if job.rules.mode in ("self_reward", "rso"):  # no matrix answers: the policy's own samples only
         return {"pos": [], "neg": [], "try_self": True, "renorm": False, "self_seed": row_seed(seed, stage, pid, "self")}
     pos, neg, renorm = [], [], False
     for side, count, out in (("pos", job.n_pos, pos), ("neg", job.n_neg, neg)):
@@ -330,8 +331,9 @@ def summarize(results: list[dict], rejects: list[dict], over_limit: int, seconds
     return {
         "prompts": len(results),
         "pairs": n_pairs,
-        "pair_kinds": {k: v for k, v in counts.items() if k not in NO_PAIR_KEYS},
+        "pair_kinds": {k: v for k, v in counts.items() if k not in NO_PAIR_KEYS + SAMPLER_KEYS},
         "no_pair": {k: v for k, v in counts.items() if k in NO_PAIR_KEYS},
+        **({"rso": {k.removeprefix("rso_"): counts.get(k, 0) for k in SAMPLER_KEYS}} if "rso_accepted" in counts else {}),
         "drawn_sources": {"positive": dict(drawn_pos), "negative": dict(drawn_neg)},
         "redrawn_sources": dict(redrawn),
         "unavailable_sources": dict(unavailable),

@@ -39,7 +39,6 @@ def _run(args) -> int:
 
 
 def _demo(args) -> int:
-    from pathlib import Path
 
     from tso.config import tso_home
     from tso.run.pipeline import run_pipeline
@@ -64,15 +63,12 @@ def _demo(args) -> int:
 
     cfg, source = load_config_ref("builtin:demo", sets)
     result = run_pipeline(cfg, source)
-    print(Path(result["report"]).read_text())
-    print(f"[demo] total {time.perf_counter() - start:.0f} s; report at {result['report']}")
-    return 0
+    return _demo_end(result, start)
 
 
 def _demo_real(sets: list[str], start: float) -> int:
     """The real-checkpoint example: the SmolLM2 fixture (cached in $TSO_HOME/real), then builtin:real-cpu."""
     import sys
-    from pathlib import Path
 
     from tso.config import load_config_ref
     from tso.models.fixture import FixtureError, build_smollm2_matrix
@@ -86,8 +82,24 @@ def _demo_real(sets: list[str], start: float) -> int:
         return 2
     cfg, source = load_config_ref("builtin:real-cpu", sets)
     result = run_pipeline(cfg, source)
-    print(Path(result["report"]).read_text())
-    print(f"[demo] total {time.perf_counter() - start:.0f} s; report at {result['report']}")
+    return _demo_end(result, start)
+
+
+def _demo_end(result: dict, start: float) -> int:
+    """The report, then on one screen what the method did: each claim's verdict with its interval."""
+    import json
+    from pathlib import Path
+
+    from tso.run.verdicts import verdict_lines
+
+    report = Path(result["report"])
+    print(report.read_text())
+    verdicts = report.parent / "verdicts.json"
+    if verdicts.is_file():
+        print("[demo] what TSO did here (95% intervals over the evaluation prompts, this one run):")
+        for line in verdict_lines(json.loads(verdicts.read_text())):
+            print(f"[demo]   {line}")
+    print(f"[demo] total {time.perf_counter() - start:.0f} s; report at {report}")
     return 0
 
 

@@ -130,6 +130,60 @@ def judge_phase(cfg: RunConfig, run_dir: Path, timer: Timer) -> tuple[str, str]:
     return str(judge), "corrected"
 
 
+def judge_quality_phase(cfg: RunConfig, run_dir: Path, timer: Timer, kind: str) -> dict | None:
+    """The settled judge, the uncorrected base and a length-only predictor on ``judge.held_out``, once
+    per run (``judge_quality.json``; a corrected judge's ``judge_train/summary.json`` holds it too)."""
+    if not cfg.judge.held_out:
+        print("[tso] judge quality: not measured (set judge.held_out to a held-out feedback file)")
+        return None
+    from tso.models.checkpoint import checkpoint_options
+    from tso.run.judge_quality import measure_judge
+
+    if not Path(cfg.judge.held_out).is_file():
+        raise FileNotFoundError(f"judge.held_out: {cfg.judge.held_out}: no such file")
+    out = run_dir / "judge_quality.json"
+    done = read_json_marker(out, ("judge", "base", "length_only", "rule"))
+    base = cfg.matrix.entry(cfg.matrix.base)
+    if done is not None and done.get("judge_path") == str(cfg.judge.path) and done.get("held_out") == cfg.judge.held_out:
+        quality = done
+        print(f"[tso] judge quality: measured before ({out})")
+    else:
+        quality = timer.run("judge quality on held-out feedback", _measure_on_cluster, cfg, measure_judge,
+                            cfg.judge.path, base.path, cfg.judge.held_out, max_records=cfg.judge.held_out_max,
+                            max_new_tokens=cfg.judge.sampling.max_new_tokens,
+                            judge_options=checkpoint_options(cfg.judge), base_options=checkpoint_options(base),
+                            same_model=kind == "uncorrected", engine_config=cfg.judge.engine)
+        atomic_write_json(out, quality)
+    summary_path = run_dir / "judge_train" / "summary.json"
+    summary = read_json_marker(summary_path)
+    if kind == "corrected" and summary is not None and summary.get("quality", {}).get("judge") != quality["judge"]:
+        summary["quality"] = {k: quality[k] for k in ("held_out", "records", "judge", "base", "length_only", "rule")}
+        atomic_write_json(summary_path, summary)
+    print(f"[tso] judge quality ({quality['records']} held-out records): {quality_line(quality)}")
+    return quality
+
+
+def _measure_on_cluster(cfg: RunConfig, fn, *args, **kwargs):
+    """Run ``fn`` as a Ray task with the judge deployment's CPUs and GPUs (at least one CPU), so a
+    real judge is measured where it can run, not in the job's driver process."""
+    import ray
+
+    res = cfg.judge.resources
+    task = ray.remote(num_cpus=max(1.0, res.num_cpus), num_gpus=res.num_gpus, max_retries=1)(fn)
+    return ray.get(task.remote(*args, **kwargs))
+
+
+def quality_line(q: dict) -> str:
+    def one(r: dict) -> str:
+        rho = "-" if r.get("spearman") is None else f"{r['spearman']:.2f}"
+        return f"parsed {r['parse_rate']:.0%}, Spearman {rho}"
+
+    floor = q["length_only"]["spearman"]
+    verdict = "holds" if q["rule"]["holds"] else "fails: " + ", ".join(k for k, ok in q["rule"]["checks"].items() if not ok)
+    return (f"judge {one(q['judge'])}; uncorrected base {one(q['base'])}; length-only Spearman "
+            f"{'-' if floor is None else f'{floor:.2f}'}; rule (>= 95% parsed, Spearman >= 0.5, beats length) {verdict}")
+
+
 def settle_judge(cfg: RunConfig, path: str, kind: str) -> None:
     """Pin the judge for every stage: it is trained (or chosen) once, while the base moves each stage.
     A judge made from the base keeps the base's loading options where the judge sets none."""
@@ -247,8 +301,11 @@ def _run_pipeline(cfg: RunConfig, source: str, *, with_baselines: bool, keep_ser
     try:
         judge_path, judge_kind = judge_phase(cfg, run_dir, timer)
         settle_judge(cfg, judge_path, judge_kind)
+        quality = judge_quality_phase(cfg, run_dir, timer, judge_kind)
         meta["judge"] = {"kind": judge_kind, "path": judge_path, "feedback": cfg.judge.feedback,
-                         "description": JUDGE_KINDS[judge_kind]}
+                         "description": JUDGE_KINDS[judge_kind],
+                         "quality": None if quality is None else {"records": quality["records"],
+                                                                  "holds": quality["rule"]["holds"]}}
         atomic_write_json(previous, meta)
         final_cfg, policies = run_stages(cfg, run_dir, timer)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tso.io import atomic_file, atomic_write_text
+from tso.io import atomic_file, atomic_write_json, atomic_write_text
 
 
 def _load_json(path: Path):
@@ -89,6 +89,43 @@ def judge_table(run_dir: Path, evals: list[dict]) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted((e.get("judge_unscored_reasons") or {}).items()))
         rows.append(f"| eval {e['label']} | {e.get('answered', e.get('n', '-'))} | {_fmt(e.get('judge_parse_rate'))} | "
                     f"{reasons or '-'} |")
+    return "\n".join(rows)
+
+
+def judge_quality_table(q: dict) -> str:
+    """The run's judge beside the uncorrected base and the length-only floor, on held-out feedback."""
+    dims = q.get("dimensions") or []
+    head = ["predictor", "parse rate", "Spearman"] + [f"Spearman {d}" for d in dims] + ["within 1 point", "MAE"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in (("the run's judge", q["judge"]), ("uncorrected base", q["base"]),
+                     (f"length only ({q['length_only'].get('direction') or '-'})", q["length_only"])):
+        per = r.get("spearman_per_dimension") or {}
+        cells = [label, _fmt(r.get("parse_rate")), _fmt(r.get("spearman"))] + [_fmt(per.get(d)) for d in dims]
+        cells += [_fmt(r.get("within_1")), _fmt(r.get("mae"))]
+        rows.append("| " + " | ".join(cells) + " |")
+    checks = ", ".join(f"{k}: {'yes' if ok else 'no'}" for k, ok in q["rule"]["checks"].items())
+    verdict = "holds" if q["rule"]["holds"] else "does not hold"
+    return (f"Judge quality on {q['records']} held-out feedback records (`{q['held_out']}`), greedy answers; "
+            f"Spearman with the target scores (length only: in its better direction, so the floor is as high "
+            f"as length can make it):\n\n" + "\n".join(rows) +
+            f"\n\nThe rule for a corrected judge ({checks}) {verdict}.")
+
+
+def read_eval_records(run_dir: Path) -> dict[str, list[dict]]:
+    """Each evaluated model's per-prompt records (``eval/<label>.answers.jsonl``)."""
+    out = {}
+    for path in sorted((run_dir / "eval").glob("*.answers.jsonl")):
+        out[path.name.removesuffix(".answers.jsonl")] = [json.loads(line) for line in path.read_text().splitlines()
+                                                         if line.strip()]
+    return out
+
+
+def verdicts_table(result: dict) -> str:
+    rows = ["| claim | mean difference | 95% interval | prompts | verdict |", "|---|---|---|---|---|"]
+    for c in result["claims"]:
+        interval = "-" if c["low"] is None else f"[{c['low']:+.3f}, {c['high']:+.3f}]"
+        mean = "-" if c["mean"] is None else f"{c['mean']:+.3f}"
+        rows.append(f"| {c['claim']} | {mean} | {interval} | {c['n']} | **{c['verdict']}** |")
     return "\n".join(rows)
 
 
@@ -209,10 +246,25 @@ def write_report(run_dir: str | Path) -> Path:
         if fam:
             parts += ["Verifier mean per task family:", "", fam, ""]
         parts += [_verdict(evals), ""]
+        from tso.run.verdicts import claims_from_records
+
+        result = claims_from_records(read_eval_records(run_dir))
+        if result["claims"]:
+            atomic_write_json(run_dir / "verdicts.json", result)
+            parts += ["### Verdicts", "",
+                      f"Each claim compares two models' {result['score']} scores prompt by prompt: the mean "
+                      "difference and its 95% t-interval over the evaluation prompts. *holds*: the interval "
+                      "excludes 0 in the claimed direction; *contradicted*: it excludes 0 the other way; else "
+                      "*inconclusive*. One training run: the interval covers the prompts and the sampled answers, "
+                      "not the spread between runs with other seeds.", "", verdicts_table(result), ""]
     else:
         parts += ["No evaluation results yet.", ""]
     parts += ["## Stages", "", stage_table(run_dir), ""]
-    parts += ["## The judge", "", judge_table(run_dir, evals), ""]
+    parts += ["## The judge", ""]
+    quality = _load_json(run_dir / "judge_quality.json")
+    if quality and "rule" in quality:
+        parts += [judge_quality_table(quality), ""]
+    parts += [judge_table(run_dir, evals), ""]
     plots = sorted(run_dir.glob("*/train/*.png")) + sorted(run_dir.glob("baselines/*/*/train/*.png"))
     if plots:
         parts += ["## Training curves", ""]

@@ -43,6 +43,15 @@ class MetricsLog:
             f.flush()
 
 
+#: Printed step lines per stage when ``train.log_every`` is not set (the job log stays readable).
+LOG_LINES_PER_STAGE = 20
+
+
+def log_interval(log_every: int | None, total_steps: int) -> int:
+    """Steps between printed step lines: the configured ``log_every``, else about LOG_LINES_PER_STAGE."""
+    return log_every or max(1, math.ceil(total_steps / LOG_LINES_PER_STAGE))
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     out = []
     with open(path, encoding="utf-8") as f:

@@ -42,7 +42,7 @@ from tso.train.data import (
     shard,
     split_minibatches,
 )
-from tso.train.metrics import MetricsLog, format_step
+from tso.train.metrics import MetricsLog, format_step, log_interval
 from tso.train.reference import RefLogps, lookup, timed_reference
 from tso.train.step import MicroBatch, train_step
 
@@ -186,6 +186,7 @@ def run_minibatch_dpo(
     ref_batch = train.reference_batch or 4 * train.micro_batch  # no gradients: larger batches fit
     autocast_dtype = getattr(backend, "autocast_dtype", None)
     res = LoopResult(total_steps=plan.total_steps)
+    every = log_interval(train.log_every, plan.total_steps)
 
     start_k, step, reference = 0, 0, None
     if resume is not None:
@@ -239,7 +240,7 @@ def run_minibatch_dpo(
                           "dropped_in_epoch": dropped, **out}
                 res.last_step = record
                 mb_steps.append(out)
-                if step % train.log_every == 0 or s == len(steps) - 1:
+                if step % every == 0 or s == len(steps) - 1:
                     say(format_step({"stage": stage, **record}, plan.total_steps, K, E))
                 emit(record)
         # ---- boundary k+1: swap the reference to the policy as it is now, then checkpoint

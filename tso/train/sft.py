@@ -24,7 +24,7 @@ from tso.train.backend import TrainBackend
 from tso.train.checkpoint import ResumeState, save_boundary
 from tso.train.data import chunks, collate_sft_batch, seeded_rng, shard
 from tso.train.feedback import SFTExample
-from tso.train.metrics import MetricsLog
+from tso.train.metrics import MetricsLog, log_interval
 from tso.train.step import autocast
 
 
@@ -70,6 +70,7 @@ def run_sft(backend: TrainBackend, examples: Sequence[SFTExample], train: TrainC
     G, E = train.global_batch, train.epochs
     per_epoch = len(examples) // G
     total = sft_total_steps(len(examples), train)
+    every = log_interval(train.log_every, total)
     metrics = metrics or MetricsLog(None)
     say = log if (log is not None and rank == 0) else (lambda _s: None)
     t_start = time.perf_counter()
@@ -89,7 +90,7 @@ def run_sft(backend: TrainBackend, examples: Sequence[SFTExample], train: TrainC
                       "resumed_from": resumed_from, "time_s": time.perf_counter() - t_start, **out}
             first = first or record
             last = record
-            if step % train.log_every == 0 or s == per_epoch - 1:
+            if step % every == 0 or s == per_epoch - 1:
                 say(f"[judge] step {step}/{total} epoch {e + 1}/{E} loss {out['loss']:.4f} "
                     f"|g| {out['grad_norm'] or 0:.3f} lr {out['lr']:.2e} {out['examples_per_s']:.1f} ex/s")
             metrics.write(record)
