@@ -118,13 +118,6 @@ def length_only(records: Sequence[dict], truth: Sequence[float], dims: Sequence[
             "spearman_per_dimension": {d: (abs(v) if v is not None else None) for d, v in per_dim.items()}}
 
 
-def evaluate_judge(path, records: Sequence[dict], max_new_tokens: int = 48, options: dict | None = None
-                   ) -> dict[str, Any]:
-    """The judge at ``path`` answering held-out feedback records greedily, scored by ``score_quality``."""
-    prompts, truth, dims = _targets(records)
-    return score_quality(judge_answers(path, prompts, max_new_tokens, options), truth, dims)
-
-
 def rule_check(judge: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
     """The engineering rule, clause by clause: parsed often enough, ranks like the targets, beats length."""
     rho, floor_rho = judge.get("spearman"), floor.get("spearman")
